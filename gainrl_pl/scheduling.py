@@ -1,0 +1,109 @@
+"""Rankings for the data schedules, and the schedule plot: the work behind the GainRLScheduler callback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from gainrl_pl.scoring import AngleScorer, ScoreCache, rank_scores, ranking_summary
+
+
+def _gather_objects(obj: Any) -> list[Any]:
+    """all_gather for picklable objects when torch.distributed is up; [obj] otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        out: list[Any] = [None] * torch.distributed.get_world_size()
+        torch.distributed.all_gather_object(out, obj)
+        return out
+    return [obj]
+
+
+def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: int = -1, site: str = "mlp_input",
+                  w_intra: float = 1.0, w_inter: float = 1.0, intra_diagonal: bool = True, batch_size: int = 16,
+                  cache_dir: str | None = None, use_cache: bool = True,
+                  model_id: str = "") -> tuple[list[int], list, dict[str, Any]]:
+    """Score every training prompt with `model` and rank them, best (most concentrated) first.
+
+    Under DDP each rank scores a strided shard and the scores are gathered, so N ranks score N times
+    faster and every rank ends with the same ranking. Returns (order, PromptScore by position, summary).
+    """
+    world = strategy.world_size if strategy is not None else 1
+    rank = strategy.global_rank if strategy is not None else 0
+    segments = [it["segments"] for it in items]
+    cache = ScoreCache(cache_dir) if use_cache else None
+    key = None
+    if cache is not None:
+        key = cache.key(model, segments, layer=layer, site=site, w_intra=w_intra, w_inter=w_inter,
+                        intra_diagonal=intra_diagonal, model_id=model_id)
+        cached = cache.load(key)
+        if cached is not None:
+            return rank_scores(cached), cached, ranking_summary(cached, [it["question_tokens"] for it in items])
+    scorer = AngleScorer(model, tokenizer, layer=layer, site=site, batch_size=batch_size, w_intra=w_intra,
+                         w_inter=w_inter, intra_diagonal=intra_diagonal, show_progress=rank == 0)
+    mine = list(range(rank, len(items), world))
+    local = scorer.score([segments[i] for i in mine])
+    pairs = [(pos, s) for pos, s in zip(mine, local)]
+    merged = sorted((p for part in _gather_objects(pairs) for p in part), key=lambda p: p[0])
+    results = [_reindex(s, pos) for pos, s in merged]
+    summary = ranking_summary(results, [it["question_tokens"] for it in items])
+    if cache is not None and rank == 0:
+        cache.save(key, results, summary)
+    return rank_scores(results), results, summary
+
+
+def _reindex(score, position: int):
+    """Scores come back indexed within the shard; give them their position in the training set."""
+    try:
+        return type(score)(**{**score.__dict__, "index": position})
+    except TypeError:
+        return score._replace(index=position)
+
+
+def length_ranking(items: list[dict]) -> list[int]:
+    """Shortest question (in tokens) first; ties by position (spec section 8's `length` baseline)."""
+    return sorted(range(len(items)), key=lambda i: (items[i]["question_tokens"], i))
+
+
+def values_ranking(values: list[float], descending: bool = False) -> list[int]:
+    """Positions ordered by a value (ascending by default: e.g. easiest difficulty first)."""
+    sign = -1.0 if descending else 1.0
+    return sorted(range(len(values)), key=lambda i: (sign * values[i], i))
+
+
+def plot_schedule(history: list[dict[str, Any]], path: str | Path, num_prompts: int) -> Path:
+    """PNG with mu over rounds (and the update's two terms) and the ranks drawn each round."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    rounds = [h["round"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    ax = axes[0]
+    if any("mu" in h for h in history):
+        ax.plot(rounds, [h.get("mu", float("nan")) for h in history], label="mu (rank)")
+        ax.set_ylim(0, num_prompts)
+        ax2 = ax.twinx()
+        ax2.plot(rounds, [h.get("accuracy_term", float("nan")) for h in history], "--", alpha=0.6, label="accuracy term")
+        ax2.plot(rounds, [h.get("angle_term", float("nan")) for h in history], ":", alpha=0.6, label="angle term")
+        ax2.set_ylabel("shift terms")
+        ax2.legend(loc="lower right", fontsize=8)
+    ax.plot(rounds, [h["accuracy"] * num_prompts for h in history], alpha=0.4, label="accuracy x N")
+    ax.set_xlabel("round")
+    ax.set_ylabel("rank")
+    ax.set_title("Gaussian mean over the ranking")
+    ax.legend(loc="upper left", fontsize=8)
+    ax = axes[1]
+    for h in history:
+        ranks = h.get("drawn_ranks") or []
+        ax.scatter([h["round"]] * len(ranks), ranks, s=4, alpha=0.4, color="tab:blue")
+    ax.set_ylim(num_prompts, 0)
+    ax.set_xlabel("round")
+    ax.set_ylabel("rank of drawn prompt (0 = top)")
+    ax.set_title("Prompts drawn each round")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

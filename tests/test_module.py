@@ -1,0 +1,177 @@
+"""GRPOModule end to end on a tiny random Llama: real generate, real peft, real Trainer.fit."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from gainrl_pl.callbacks import GainRLScheduler
+from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+from gainrl_pl.model_setup import LoraSettings, QuantizationSettings
+from gainrl_pl.module import GRPOModule
+
+
+def seven_reward(prompts, completions, **columns):
+    """Toy reward a random tiny model can learn fast: the share of characters that are the digit 7."""
+    return [c.count("7") / max(1, len(c)) for c in completions]
+
+
+@pytest.fixture(scope="module")
+def toy_data(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy") / "train.jsonl"
+    with open(path, "w") as fh:
+        for i in range(32):
+            fh.write(json.dumps({"question": f"What is {i} + {i % 7}?", "answer": str(i + i % 7)}) + "\n")
+    return path
+
+
+def make_datamodule(tiny_model_dir, toy_data, schedule="uniform", **kw):
+    return GainRLDataModule(train_data=str(toy_data), val_data=str(toy_data), preset="generic", prompt="none",
+                            tokenizer=str(tiny_model_dir), prompts_per_step=kw.pop("prompts_per_step", 4),
+                            val_batch_size=8, val_limit=8,
+                            schedule=ScheduleSettings(name=schedule, subset_size=kw.pop("subset_size", 8),
+                                                      sigma=0.5, step_size=0.2, max_shift=0.3), **kw)
+
+
+def make_module(tiny_model_dir, **kw):
+    defaults = dict(model_name_or_path=str(tiny_model_dir), num_generations=4, max_completion_length=8,
+                    rewards=[seven_reward], learning_rate=1e-3, temperature=1.0)
+    defaults.update(kw)
+    return GRPOModule(**defaults)
+
+
+def fit(module, dm, tmp_path, max_steps=2, callbacks=None, **trainer_kw):
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                         use_distributed_sampler=False, limit_val_batches=0, default_root_dir=tmp_path,
+                         callbacks=callbacks if callbacks is not None else [GainRLScheduler(use_cache=False)],
+                         **trainer_kw)
+    trainer.fit(module, datamodule=dm)
+    return trainer
+
+
+def trainable_snapshot(module):
+    return {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
+
+
+def assert_changed(before, module):
+    after = {n: p.detach() for n, p in module.policy.named_parameters() if p.requires_grad}
+    changed = [n for n in before if not torch.equal(before[n], after[n])]
+    assert changed, "no trainable parameter moved"
+    return changed
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+def test_fit_full_finetune_each_loss_type(tiny_model_dir, toy_data, tmp_path, loss_type):
+    module = make_module(tiny_model_dir, loss_type=loss_type)
+    before = trainable_snapshot(module)
+    trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path)
+    assert trainer.global_step == 2
+    changed = assert_changed(before, module)
+    assert len(changed) == len(before)  # full fine-tune: every tensor gets a gradient
+    assert "train/loss" in trainer.callback_metrics and torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
+def test_fit_lora_with_kl_num_iterations_and_angle_schedule(tiny_model_dir, toy_data, tmp_path):
+    module = make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8), beta=0.05, num_iterations=2,
+                         steps_per_rollout=2, micro_batch_size=4)
+    assert module.ref_model is None  # LoRA: the reference is the base with adapters off, not a copy
+    base = {n: p.detach().clone() for n, p in module.policy.named_parameters() if not p.requires_grad}
+    before = trainable_snapshot(module)
+    dm = make_datamodule(tiny_model_dir, toy_data, schedule="angle")
+    scheduler = GainRLScheduler(use_cache=False)
+    trainer = fit(module, dm, tmp_path, max_steps=8, callbacks=[scheduler])
+    # 2 iterations x 2 mini-batches = 4 optimizer steps per rollout
+    assert trainer.global_step == 8
+    assert all("lora_" in n for n in assert_changed(before, module))
+    for n, p in module.policy.named_parameters():
+        if not p.requires_grad:
+            assert torch.equal(p, base[n]), f"frozen base weight {n} moved"
+    assert trainer.callback_metrics["train/kl"] >= 0
+    assert scheduler.history and "mu" in scheduler.history[0]
+    assert dm.ranking is not None and sorted(dm.ranking) == list(range(len(dm.train_set)))
+
+
+def test_beta_zero_loads_no_reference_and_full_ft_beta_copies(tiny_model_dir):
+    assert make_module(tiny_model_dir, beta=0.0).ref_model is None
+    module = make_module(tiny_model_dir, beta=0.1)
+    assert module.ref_model is not None
+    assert not any(p.requires_grad for p in module.ref_model.parameters())
+
+
+@pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)])
+def test_reference_logprobs_equal_policy_at_step_zero(tiny_model_dir, toy_data, lora):
+    module = make_module(tiny_model_dir, beta=0.1, lora=lora)
+    if lora is not None:  # peft initialises B = 0; make the adapters non-trivial so "off" is a real test
+        for n, p in module.policy.named_parameters():
+            if "lora_B" in n:
+                torch.nn.init.normal_(p, std=0.0)
+    dm = make_datamodule(tiny_model_dir, toy_data)
+    dm.setup("fit")
+    batch = dm.collate(dm._with_positions(dm.train_set[:3]))
+    from gainrl_pl.rollout import generate_completions
+
+    rollout = generate_completions(module.policy, batch["input_ids"], batch["attention_mask"], num_generations=2,
+                                   max_new_tokens=6, pad_token_id=module.tokenizer.pad_token_id,
+                                   eos_ids=module.eos_ids)
+    ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], 1)
+    att = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
+    module.policy.eval()
+    with torch.no_grad():
+        policy = module._logprobs_batched(module.policy, ids, att, rollout)
+        ref = module._reference_logprobs(ids, att, rollout)
+    assert torch.allclose(policy, ref, atol=1e-5)
+
+
+def test_toy_reward_rises_proving_gradients_flow(tiny_model_dir, toy_data, tmp_path):
+    torch.manual_seed(0)
+    module = make_module(tiny_model_dir, learning_rate=3e-3, num_generations=8, max_completion_length=6,
+                         loss_type="dapo")
+    rewards = []
+
+    class Record(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            rewards.append(float(trainer.callback_metrics["reward/total"]))
+
+    dm = make_datamodule(tiny_model_dir, toy_data, prompts_per_step=4, subset_size=8)
+    fit(module, dm, tmp_path, max_steps=24, callbacks=[GainRLScheduler(use_cache=False), Record()])
+    first, last = sum(rewards[:6]) / 6, sum(rewards[-6:]) / 6
+    assert last > first + 0.1, f"reward did not rise: first {first:.3f}, last {last:.3f}"
+
+
+def test_qlora_4bit_trains_after_eval_mode_generate(tiny_model_dir, toy_data, tmp_path):
+    pytest.importorskip("bitsandbytes")
+    module = make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8),
+                         quantization=QuantizationSettings(compute_dtype="float32"))
+    import bitsandbytes as bnb
+
+    assert any(isinstance(m, bnb.nn.Linear4bit) for m in module.policy.modules())
+    before = trainable_snapshot(module)
+    fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=2)
+    changed = assert_changed(before, module)
+    # the CPU repacking trap leaves most LoRA tensors without gradients after an eval-mode generate
+    assert len(changed) == len(before), f"only {len(changed)}/{len(before)} LoRA tensors trained"
+
+
+def test_bad_config_values_fail_at_start(tiny_model_dir):
+    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo"):
+        make_module(tiny_model_dir, loss_type="ppo")
+    with pytest.raises(ValueError, match="num_generations=-2"):
+        make_module(tiny_model_dir, num_generations=-2)
+    with pytest.raises(ValueError, match="lora.target_modules"):
+        make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
+    with pytest.raises(ValueError, match="angle_layer=7"):
+        make_module(tiny_model_dir, angle_layer=7)
+    with pytest.raises(ValueError, match="quantization .* needs lora"):
+        make_module(tiny_model_dir, quantization=QuantizationSettings())
+
+
+def test_validation_accuracy_is_logged(tiny_model_dir, toy_data, tmp_path):
+    module = make_module(tiny_model_dir, rewards=["accuracy"])
+    trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         use_distributed_sampler=False)
+    metrics = trainer.validate(module, datamodule=make_datamodule(tiny_model_dir, toy_data))
+    assert 0.0 <= metrics[0]["val/accuracy"] <= 1.0
