@@ -59,6 +59,7 @@ class GainRLScheduler(pl.Callback):
         self.cache_dir = cache_dir
         self.plot = plot
         self.scores: list[float] | None = None
+        self.ranking_summary: dict[str, Any] = {}
         self.history: list[dict[str, Any]] = []
         self._round: dict[str, list[torch.Tensor]] = {}
 
@@ -77,9 +78,14 @@ class GainRLScheduler(pl.Callback):
                 pl_module.policy, dm.tokenizer, dm.train_set, trainer.strategy, cache_dir=self.cache_dir,
                 use_cache=self.use_cache, model_id=str(pl_module.hparams.model_name_or_path), **self.score_options)
             self.scores = [float(r.score) for r in results]
-            for key, value in summary.items():
-                if isinstance(value, (int, float)):
-                    pl_module.log(f"gainrl/ranking/{key}", float(value), on_step=False, on_epoch=True)
+            self.ranking_summary = summary
+            # Lightning forbids self.log in on_fit_start: write straight to the loggers (spec section 8 asks
+            # for the score's mean/sd and Spearman with question length whenever a ranking is built).
+            numeric = {f"gainrl/ranking/{k}": float(v) for k, v in summary.items() if isinstance(v, (int, float))}
+            for logger in trainer.loggers:
+                logger.log_metrics(numeric, step=trainer.global_step)
+            if trainer.is_global_zero:
+                print(f"[gainrl] ranked {len(order)} prompts by angle concentration: {summary}")
         elif name == "length":
             order = length_ranking(dm.train_set)
         elif name == "accuracy_curriculum":

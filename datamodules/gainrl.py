@@ -76,7 +76,7 @@ class GainRLDataModule(pl.LightningDataModule):
         tokenizer: Tokenizer to build prompts with (linked to `model.model_name_or_path` by the CLI).
         trust_remote_code: Allow custom tokenizer code (linked to the model's setting).
         max_prompt_length: Prompts longer than this many tokens are skipped and counted.
-        on_bad_row: `raise` on a malformed row (naming it), or `skip` and count it.
+        on_bad_row: `raise` on a malformed row (naming it), or `skip` and count it; `null` = the preset's choice.
         train_limit: Use only the first N training rows (after filtering); `null` = all.
         train_fraction: Use a random fraction of the training rows (e.g. 0.5 for the half-data arm).
         val_limit: Use only the first N validation rows.
@@ -99,7 +99,7 @@ class GainRLDataModule(pl.LightningDataModule):
         tokenizer: str = "builtin",
         trust_remote_code: bool = False,
         max_prompt_length: int = 512,
-        on_bad_row: str = "raise",
+        on_bad_row: str | None = None,
         train_limit: int | None = None,
         train_fraction: float | None = None,
         val_limit: int | None = None,
@@ -111,7 +111,7 @@ class GainRLDataModule(pl.LightningDataModule):
         super().__init__()
         if preset not in DATASET_PRESETS:
             raise ValueError(f"preset={preset!r} is unknown; allowed: {', '.join(DATASET_PRESETS)}")
-        if on_bad_row not in ("raise", "skip"):
+        if on_bad_row not in (None, "raise", "skip"):
             raise ValueError(f"on_bad_row={on_bad_row!r}: allowed values are 'raise', 'skip'")
         if prompts_per_step < 1 or val_batch_size < 1:
             raise ValueError("prompts_per_step and val_batch_size must be >= 1")
@@ -164,9 +164,9 @@ class GainRLDataModule(pl.LightningDataModule):
             except PromptTooLongError:
                 too_long += 1
                 continue
-            columns = {"answer": ex.answer, **ex.columns}
+            columns = {**ex.columns, "answer": ex.answer}
             items.append({"index": ex.index, "input_ids": seg.input_ids, "prompt": seg.text,
-                          "question": ex.question, "question_tokens": len(range(*seg.question)),
+                          "question": ex.question, "question_tokens": seg.num_question_tokens,
                           "segments": seg, "columns": columns})
         if not items:
             raise ValueError(f"{name} data {source!r} has no usable rows ({len(rows)} rows, {too_long} over "
@@ -196,6 +196,7 @@ class GainRLDataModule(pl.LightningDataModule):
                           reference_lag=s.reference_lag)
         if s.name == "adarft":
             kwargs["difficulty"] = self.column_values(s.difficulty_field)
+            del kwargs["num_prompts"]  # implied by the difficulty list
         kwargs.update(s.extra)
         self.sampler = build_sampler(s.name, **kwargs)
         if self._pending_state is not None:

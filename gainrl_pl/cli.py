@@ -33,7 +33,7 @@ def run_lightning_cli(argv: list[str], run: bool = True):
     """Build (and by default run) the LightningCLI over GRPOModule, GainRLDataModule and the scheduler."""
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-    from gainrl_pl.callbacks import GainRLScheduler
+    from gainrl_pl.callbacks import GainRLCheckpoint, GainRLScheduler
     from gainrl_pl.datamodules import GainRLDataModule
     from gainrl_pl.module import GRPOModule
 
@@ -42,6 +42,7 @@ def run_lightning_cli(argv: list[str], run: bool = True):
             # The scheduler is always present (with uniform sampling it only logs), so A/B runs
             # differ in `data.schedule.name` alone.
             parser.add_lightning_class_args(GainRLScheduler, "scheduler")
+            parser.add_lightning_class_args(GainRLCheckpoint, "checkpoint")
             parser.link_arguments("model.model_name_or_path", "data.tokenizer")
             parser.link_arguments("model.trust_remote_code", "data.trust_remote_code")
 

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Any
+from dataclasses import asdict
+from typing import Any, Callable
 
 import lightning.pytorch as pl
 import torch
@@ -20,7 +21,7 @@ from gainrl_pl.grpo import compute_advantages, policy_loss, token_entropy, token
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
-from gainrl_pl.rewards import RewardComputer, get_reward_function
+from gainrl_pl.rewards import RewardComputer
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
 from gainrl_pl.signal import AngleSignalProbe
 from gainrl_pl.metrics import pass_at_k
@@ -109,7 +110,7 @@ class GRPOModule(pl.LightningModule):
         epsilon_high: float | None = None,
         delta: float | None = None,
         beta: float = 0.0,
-        rewards: list[str] | None = None,
+        rewards: list[str | Callable] | None = None,
         reward_weights: list[float] | None = None,
         reward_on_error: str = "raise",
         accuracy_reward: str = "accuracy",
@@ -128,7 +129,14 @@ class GRPOModule(pl.LightningModule):
         val_max_completion_length: int | None = None,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # plain dicts in hparams keep checkpoints loadable with torch.load(weights_only=True)
+        lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
+        quantization = QuantizationSettings(**quantization) if isinstance(quantization, dict) else quantization
+        self.save_hyperparameters(ignore=["rewards"])
+        self.hparams["lora"] = asdict(lora) if lora else None
+        self.hparams["quantization"] = asdict(quantization) if quantization else None
+        self.hparams["rewards"] = [r if isinstance(r, str) else f"{r.__module__}.{r.__qualname__}"
+                                   for r in (rewards or ["accuracy"])]
         _validate_choice("loss_type", loss_type, LOSS_TYPES)
         _validate_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
@@ -154,10 +162,8 @@ class GRPOModule(pl.LightningModule):
         self.ref_model = None
         if beta > 0 and lora is None:
             self.ref_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        names = list(rewards or ["accuracy"])
-        self.reward_computer = RewardComputer([get_reward_function(n) for n in names], reward_weights,
-                                              on_error=reward_on_error)
-        self.reward_names = [getattr(f, "__name__", str(n)) for f, n in zip(self.reward_computer.funcs, names)]
+        self.reward_computer = RewardComputer(list(rewards or ["accuracy"]), reward_weights, on_error=reward_on_error)
+        self.reward_names = self.reward_computer.names
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
         self.angle_probe = AngleSignalProbe(self.policy, layer=angle_layer)
         self.val_accuracy = MeanMetric()

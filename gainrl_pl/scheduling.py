@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -54,10 +55,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
 
 def _reindex(score, position: int):
     """Scores come back indexed within the shard; give them their position in the training set."""
-    try:
-        return type(score)(**{**score.__dict__, "index": position})
-    except TypeError:
-        return score._replace(index=position)
+    return dataclasses.replace(score, index=position)
 
 
 def length_ranking(items: list[dict]) -> list[int]:

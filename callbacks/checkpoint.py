@@ -1,0 +1,65 @@
+"""Checkpoints that lose nothing: the HF adapter beside each one, the last k kept, a save on SIGTERM.
+
+Lightning already writes local checkpoints atomically (an fsspec transaction: a temporary file renamed
+on commit), so a crash mid-save leaves the previous checkpoint loadable; tests/test_resume.py checks it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import lightning.pytorch as pl
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+
+def hf_dir_for(checkpoint_path: str | Path) -> Path:
+    """Where the Hugging Face adapter/model of a checkpoint lives: `<name>.ckpt` -> `<name>.hf/`."""
+    path = Path(checkpoint_path)
+    return path.with_suffix(".hf")
+
+
+class GainRLCheckpoint(ModelCheckpoint):
+    """ModelCheckpoint that also saves the LoRA adapter (or full model) in Hugging Face format beside each
+    checkpoint, keeps the last `save_top_k` by step, and saves `last.ckpt` when SIGTERM arrives.
+
+    Args:
+        save_hf: Write `<checkpoint>.hf/` (peft adapter or full model + tokenizer) beside each checkpoint.
+        every_n_train_steps: Save every N optimizer steps.
+        save_top_k: How many step checkpoints to keep (the newest); -1 keeps all.
+        (other arguments: see lightning's ModelCheckpoint)
+    """
+
+    def __init__(self, *args, save_hf: bool = True, every_n_train_steps: int | None = 50, save_top_k: int = 2,
+                 save_last: bool | None = True, monitor: str | None = "step", mode: str = "max",
+                 filename: str | None = "step{step:06d}", auto_insert_metric_name: bool = False, **kwargs) -> None:
+        super().__init__(*args, every_n_train_steps=every_n_train_steps, save_top_k=save_top_k, save_last=save_last,
+                         monitor=monitor, mode=mode, filename=filename, auto_insert_metric_name=auto_insert_metric_name,
+                         **kwargs)
+        self.save_hf = save_hf
+
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._save_checkpoint(trainer, filepath)
+        if self.save_hf and trainer.is_global_zero and hasattr(trainer.lightning_module, "save_hf"):
+            target = hf_dir_for(filepath)
+            tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-"))
+            try:
+                trainer.lightning_module.save_hf(str(tmp))
+                if target.exists():
+                    shutil.rmtree(target)
+                os.replace(tmp, target)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        super()._remove_checkpoint(trainer, filepath)
+        if trainer.is_global_zero:
+            shutil.rmtree(hf_dir_for(filepath), ignore_errors=True)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        # Lightning raises SIGTERMException right after this hook; save first so the run can resume.
+        if trainer.received_sigterm and self.dirpath is not None:
+            self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
