@@ -1,0 +1,383 @@
+"""GRPO math as pure torch functions: group advantages, token log-probs, the clipped policy loss.
+
+No model, no Lightning: everything here is testable on small hand-made tensors. Names and meanings follow
+TRL's `GRPOTrainer` (trl 1.x) so its users find the knobs they know:
+
+- `compute_advantages`: A_i = (r_i - mean(group)) / (std + eps), GRPO (Shao et al. 2024, DeepSeekMath,
+  eq. 3), with Dr. GRPO's option to skip the std division (Liu et al. 2025, "Understanding R1-Zero-Like
+  Training") and TRL's `batch` scaling.
+- `token_logprobs` / `selective_log_softmax` / `token_entropy`: chunked over rows so the float32 copy of a
+  big-vocabulary logits tensor exists one chunk at a time, never whole.
+- `policy_loss`: the PPO clipped surrogate per token with DAPO's asymmetric clip (`epsilon_high`, Yu et al.
+  2025), optional two-sided clipping (`delta`), the k3 KL estimator to a reference (Schulman 2020), and the
+  four aggregations `grpo`, `bnpo`, `dr_grpo`, `dapo`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+SCALE_REWARDS = ("group", "batch", "none")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+
+# Elements per float32 chunk when `chunk_size` is not given: 2**24 floats = 64 MiB, e.g. 512 tokens of a
+# 32k vocabulary. Big enough that the Python loop is cheap, small next to the logits themselves.
+_CHUNK_ELEMENTS = 2**24
+
+
+# --------------------------------------------------------------------------------------------- advantages
+def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> Tensor:
+    """Group-relative advantages for GRPO.
+
+    Each reward is centred on the mean of its group (the G completions of one prompt) and, depending on
+    `scale_rewards`, divided by a standard deviation plus `eps` (TRL: `(r - mean) / (std + 1e-4)`).
+
+    Args:
+        rewards: Total rewards shaped `(num_prompts, G)`; row i holds the G completions of prompt i.
+            Must be finite.
+        scale_rewards: `group`: divide by the unbiased std of the group (GRPO, TRL's default);
+            `batch`: divide by the unbiased std of all rewards in `rewards` (TRL's `batch`; under DDP
+            this is the std of what the caller passes, so gather first for a global std);
+            `none`: no division (Dr. GRPO, which argues the std term biases towards easy/hard prompts).
+        eps: Added to the std so near-constant groups do not explode.
+
+    Returns:
+        Advantages shaped like `rewards`, in float32 (or the rewards' dtype when it is float64).
+        A group whose rewards are all equal gets exactly 0 (it carries no learning signal), never NaN.
+        With G = 1 every advantage is 0: a single completion is its own group mean, and the unbiased std of
+        one value is undefined, so it is treated as 0 rather than NaN.
+
+    Raises:
+        ValueError: `rewards` is not 2-D or not finite, or `scale_rewards` is not an allowed value.
+    """
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    if rewards.dim() != 2:
+        raise ValueError(f"rewards must be shaped (num_prompts, G), got {tuple(rewards.shape)}")
+    r = rewards.double() if rewards.dtype == torch.float64 else rewards.float()
+    if not bool(torch.isfinite(r).all()):
+        raise ValueError("rewards contain NaN or inf; validate reward functions before computing advantages")
+    centred = r - r.mean(dim=1, keepdim=True)
+    if scale_rewards == "group":
+        # unbiased (n - 1) std, as TRL; undefined for G = 1, where `centred` is 0 anyway
+        std = r.std(dim=1, keepdim=True) if r.shape[1] > 1 else torch.zeros_like(r[:, :1])
+        advantages = centred / (std + eps)
+    elif scale_rewards == "batch":
+        std = r.std() if r.numel() > 1 else r.new_zeros(())
+        advantages = centred / (std + eps)
+    else:
+        advantages = centred
+    # The mean of equal floats can differ from them by one ulp; force those groups to an exact 0.
+    constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)).expand_as(r)
+    return torch.where(constant, torch.zeros_like(advantages), advantages)
+
+
+# --------------------------------------------------------------------------------------------- log-probs
+def _row_blocks(batch: int, length: int, chunk_size: int):
+    """Yield (b0, b1, t0, t1) slices covering a (batch, length) grid with about `chunk_size` rows each.
+
+    Several whole sequences go in one block when they fit, else one sequence is cut along time. Slicing
+    never flattens the logits, so a non-contiguous view (e.g. `logits[:, :-1]`) is not copied whole.
+    """
+    if length == 0 or batch == 0:
+        return
+    if chunk_size >= length:
+        per = chunk_size // length
+        for b0 in range(0, batch, per):
+            yield b0, min(batch, b0 + per), 0, length
+    else:
+        for b in range(batch):
+            for t0 in range(0, length, chunk_size):
+                yield b, b + 1, t0, min(length, t0 + chunk_size)
+
+
+def _auto_chunk(vocab: int, chunk_size: int | None) -> int:
+    if chunk_size is None:
+        return max(1, _CHUNK_ELEMENTS // max(1, vocab))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size={chunk_size} must be >= 1 (rows of logits per chunk)")
+    return int(chunk_size)
+
+
+def _compute_dtype(logits: Tensor) -> torch.dtype:
+    """float32 for half/bfloat16/float32 logits (softmax in half precision loses too much); float64 kept."""
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _as_3d(logits: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+    """View logits `(..., T, V)` as `(B, T, V)` (a view for the usual 2-D/3-D inputs) and return the lead shape."""
+    if logits.dim() < 2:
+        raise ValueError(f"logits must be (..., vocab) with at least 2 dims, got {tuple(logits.shape)}")
+    lead = tuple(logits.shape[:-1])
+    if logits.dim() == 2:
+        return logits.unsqueeze(0), lead
+    return logits.reshape(-1, logits.shape[-2], logits.shape[-1]), lead
+
+
+class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
+    """log_softmax(logits / T)[token] computed chunk by chunk, with a backward that recomputes per chunk.
+
+    Autograd through a plain chunk loop would keep every chunk's float32 copy for backward, which adds up
+    to the full extra vocabulary tensor we want to avoid. Here only the logits themselves (already alive)
+    and one logsumexp per token are saved; backward rebuilds softmax one chunk at a time:
+    d logp / d logits = (onehot(token) - softmax(logits / T)) / T.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, chunk_size: int) -> Tensor:
+        batch, length, _ = logits.shape
+        dtype = _compute_dtype(logits)
+        out = torch.empty(batch, length, dtype=dtype, device=logits.device)
+        lse = torch.empty_like(out)
+        for b0, b1, t0, t1 in _row_blocks(batch, length, chunk_size):
+            x = logits[b0:b1, t0:t1].to(dtype)  # float32 for bf16/fp16 logits, one chunk only
+            if temperature != 1.0:
+                x = x / temperature
+            chunk_lse = torch.logsumexp(x, dim=-1)
+            picked = x.gather(-1, token_ids[b0:b1, t0:t1].unsqueeze(-1)).squeeze(-1)
+            out[b0:b1, t0:t1] = picked - chunk_lse
+            lse[b0:b1, t0:t1] = chunk_lse
+        ctx.save_for_backward(logits, token_ids, lse)
+        ctx.temperature = temperature
+        ctx.chunk_size = chunk_size
+        return out
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out: Tensor):
+        logits, token_ids, lse = ctx.saved_tensors
+        temperature = ctx.temperature
+        grad = torch.empty_like(logits)
+        batch, length, _ = logits.shape
+        dtype = _compute_dtype(logits)
+        for b0, b1, t0, t1 in _row_blocks(batch, length, ctx.chunk_size):
+            x = logits[b0:b1, t0:t1].to(dtype)
+            if temperature != 1.0:
+                x = x / temperature
+            g = grad_out[b0:b1, t0:t1].to(dtype).unsqueeze(-1)
+            chunk = torch.exp(x - lse[b0:b1, t0:t1].unsqueeze(-1)).mul_(-g)  # -softmax * g
+            chunk.scatter_add_(-1, token_ids[b0:b1, t0:t1].unsqueeze(-1), g)  # + onehot * g
+            if temperature != 1.0:
+                chunk.div_(temperature)
+            grad[b0:b1, t0:t1] = chunk.to(grad.dtype)
+        return grad, None, None, None
+
+
+def selective_log_softmax(
+    logits: Tensor, token_ids: Tensor, chunk_size: int | None = None, temperature: float = 1.0
+) -> Tensor:
+    """`log_softmax(logits / temperature).gather(-1, token_ids)` without a second full-vocabulary tensor.
+
+    Per chunk of rows: cast to float32, gather the chosen logit, subtract the row's logsumexp. Peak extra
+    memory is one chunk (`chunk_size` x vocab floats), in forward and in backward (see
+    `_ChunkedSelectiveLogSoftmax`), whatever the logits' dtype.
+
+    Args:
+        logits: `(..., T, V)` (or `(N, V)`) scores, any float dtype; may require grad. Non-contiguous views
+            such as `logits[:, :-1]` are fine and are not copied.
+        token_ids: Integer ids shaped `logits.shape[:-1]`.
+        chunk_size: Rows (tokens) per chunk; `None` sizes chunks to about 2**24 float32 elements.
+        temperature: Logits are divided by it before the softmax (> 0).
+
+    Returns:
+        Float32 log-probabilities (float64 for float64 logits) shaped `token_ids.shape`, differentiable
+        w.r.t. `logits` (first order).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    if tuple(token_ids.shape) != tuple(logits.shape[:-1]):
+        raise ValueError(
+            f"token_ids shape {tuple(token_ids.shape)} must equal logits.shape[:-1] "
+            f"{tuple(logits.shape[:-1])}"
+        )
+    x, lead = _as_3d(logits)
+    ids = token_ids.reshape(x.shape[0], x.shape[1]).long()
+    out = _ChunkedSelectiveLogSoftmax.apply(x, ids, float(temperature), _auto_chunk(x.shape[-1], chunk_size))
+    return out.reshape(lead)
+
+
+def token_logprobs(
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> Tensor:
+    """Log-probability of each sampled token under `softmax(logits / temperature)`.
+
+    TRL semantics: the logits are divided by the sampling temperature before the log-softmax, so the
+    log-probs are those of the distribution the completions were actually sampled from.
+
+    Args:
+        logits: `(B, T, V)` logits aligned with `token_ids` (position t predicts token t: the caller
+            has already dropped the last position and the prompt).
+        token_ids: `(B, T)` completion token ids.
+        temperature: Sampling temperature (> 0).
+        chunk_size: Rows per chunk (see `selective_log_softmax`); `None` = automatic.
+
+    Returns:
+        `(B, T)` float32 log-probs; padded positions hold finite but meaningless values (mask them).
+    """
+    return selective_log_softmax(logits, token_ids, chunk_size=chunk_size, temperature=temperature)
+
+
+@torch.no_grad()
+def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | None = None) -> Tensor:
+    """Entropy of `softmax(logits / temperature)` per position, chunked like `selective_log_softmax`.
+
+    H = logsumexp(x) - sum_v softmax(x)_v * x_v, with x = logits / temperature, in float32 per chunk.
+    Meant for logging (TRL's `entropy` metric): computed without gradient.
+
+    Args:
+        logits: `(..., T, V)` logits, any float dtype.
+        temperature: Divides the logits first (> 0).
+        chunk_size: Rows per chunk; `None` = automatic.
+
+    Returns:
+        Float32 (float64 for float64 logits) entropies shaped `logits.shape[:-1]` (detached).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature={temperature} must be > 0")
+    x3, lead = _as_3d(logits)
+    batch, length, vocab = x3.shape
+    dtype = _compute_dtype(logits)
+    out = torch.empty(batch, length, dtype=dtype, device=logits.device)
+    for b0, b1, t0, t1 in _row_blocks(batch, length, _auto_chunk(vocab, chunk_size)):
+        x = x3[b0:b1, t0:t1].to(dtype)
+        if temperature != 1.0:
+            x = x / temperature
+        lse = torch.logsumexp(x, dim=-1, keepdim=True)
+        p = torch.exp(x - lse)
+        # where p == 0 (a -inf logit, e.g. a masked token) the term is 0, not 0 * -inf = NaN
+        out[b0:b1, t0:t1] = lse.squeeze(-1) - torch.where(p > 0, p * x, 0.0).sum(-1)
+    return out.reshape(lead)
+
+
+# --------------------------------------------------------------------------------------------- the loss
+def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where `mask`, 0 for an empty mask (never NaN)."""
+    return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
+
+
+def policy_loss(
+    logp: Tensor,
+    old_logp: Tensor | None,
+    ref_logp: Tensor | None,
+    advantages: Tensor,
+    completion_mask: Tensor,
+    *,
+    loss_type: str = "dapo",
+    epsilon: float = 0.2,
+    epsilon_high: float | None = None,
+    beta: float = 0.0,
+    max_completion_length: int | None = None,
+    num_items_in_batch: float | Tensor | None = None,
+    delta: float | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """GRPO's clipped policy-gradient loss (TRL's `GRPOTrainer` semantics).
+
+    Per token: ratio r = exp(logp - old_logp), loss_t = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)
+    (+ beta * KL_t), then aggregated over the completion tokens by `loss_type`.
+
+    Args:
+        logp: `(B, T)` log-probs of the completion tokens under the current policy (with grad).
+        old_logp: `(B, T)` log-probs under the policy that sampled the rollout; `None` means "same policy"
+            (num_iterations = 1): `logp.detach()` is used, so the ratio is exactly 1 but still carries
+            the gradient of logp (grad of r = grad of logp).
+        ref_logp: `(B, T)` reference-model log-probs; required when `beta > 0`.
+        advantages: `(B,)` (or `(B, 1)`) one advantage per completion, broadcast over its tokens.
+        completion_mask: `(B, T)` 1/True for completion tokens that count, 0 for padding (bool, int or float).
+        loss_type: Aggregation over tokens, with S = sum over the masked per-token losses:
+            `grpo`: mean over each sequence's tokens, then mean over sequences (DeepSeekMath; long
+            sequences get less weight per token); `bnpo`: S / completion tokens in this batch;
+            `dr_grpo`: S / (B * max_completion_length) (Dr. GRPO: a constant denominator, no length bias);
+            `dapo` (TRL default): S / `num_items_in_batch`, the token count of the whole global batch, so
+            every token of the optimizer step weighs the same however it is split into micro-batches.
+        epsilon: Lower clip range: the ratio is clipped below at 1 - epsilon.
+        epsilon_high: Upper clip range (DAPO's clip-higher, e.g. 0.28); `None` = `epsilon`.
+        beta: KL coefficient; 0 disables the KL term.
+        max_completion_length: The generation length limit; required for `dr_grpo`.
+        num_items_in_batch: `dapo` denominator: completion tokens of the global batch (all gradient-
+            accumulation micro-batches and all DDP ranks). Because DDP averages gradients over ranks, pass
+            the global count divided by the number of ranks, as TRL does, so the averaged gradient equals
+            sum / global count. `None` falls back to this call's token count (then `dapo` == `bnpo`).
+            A count <= 0 (an all-empty global batch) divides by 1, giving a 0 loss rather than NaN.
+        delta: Two-sided clipping (TRL's `delta`): the unclipped ratio is capped at `delta`, which bounds
+            the loss of tokens with negative advantage and a large ratio. `None` = off. TRL recommends
+            `delta > 1 + epsilon_high`.
+
+    Returns:
+        `(loss, metrics)`: the scalar float32 loss, and detached scalar metrics: `clip_fraction_low`
+        (ratio < 1 - epsilon with A < 0), `clip_fraction_high` (ratio > 1 + epsilon_high with A > 0),
+        `clip_fraction` (either: the tokens whose gradient the clip removed), `ratio_mean`, and `kl` (the
+        masked token mean of the k3 estimate) whenever `ref_logp` is given. Means are over completion
+        tokens; an all-zero mask gives 0 everywhere, never NaN.
+
+    Raises:
+        ValueError: unknown `loss_type`, `beta > 0` without `ref_logp`, `dr_grpo` without
+            `max_completion_length`, negative `epsilon`/`beta`, or mismatched shapes.
+    """
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    if beta < 0 or epsilon < 0 or (epsilon_high is not None and epsilon_high < 0):
+        raise ValueError(f"beta={beta}, epsilon={epsilon}, epsilon_high={epsilon_high} must be >= 0")
+    if beta > 0 and ref_logp is None:
+        raise ValueError(f"beta={beta} > 0 needs ref_logp (reference-model log-probs) for the KL term")
+    if loss_type == "dr_grpo" and (max_completion_length is None or max_completion_length < 1):
+        raise ValueError("loss_type='dr_grpo' needs max_completion_length >= 1 (its constant denominator)")
+    if logp.dim() != 2:
+        raise ValueError(f"logp must be (B, T), got {tuple(logp.shape)}")
+    for name, other in (("old_logp", old_logp), ("ref_logp", ref_logp), ("completion_mask", completion_mask)):
+        if other is not None and tuple(other.shape) != tuple(logp.shape):
+            raise ValueError(f"{name} shape {tuple(other.shape)} must equal logp shape {tuple(logp.shape)}")
+    if advantages.numel() != logp.shape[0]:
+        raise ValueError(
+            f"advantages must hold one value per sequence ({logp.shape[0]}), got {tuple(advantages.shape)}"
+        )
+    eps_high = epsilon if epsilon_high is None else epsilon_high
+
+    mask = completion_mask.bool()
+    logp = logp.float()
+    old = logp.detach() if old_logp is None else old_logp.float()
+    adv = advantages.reshape(-1, 1).float()
+    # Masked positions are set to a neutral 0 before exp: padding can hold arbitrary log-probs, and
+    # exp(large) = inf would turn into NaN (inf * 0) in both the loss and its gradient.
+    log_ratio = torch.where(mask, logp - old, 0.0)
+    ratio = torch.exp(log_ratio)
+    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+    per_token = -torch.minimum(unclipped * adv, clipped * adv)
+
+    kl = None
+    if ref_logp is not None:
+        # k3 estimator of KL(pi || ref): exp(d) - d - 1 with d = ref - logp; unbiased, always >= 0.
+        d = torch.where(mask, ref_logp.float() - logp, 0.0)
+        kl = torch.exp(d) - d - 1
+        if beta > 0:
+            per_token = per_token + beta * kl
+
+    per_token = torch.where(mask, per_token, 0.0)
+    total = per_token.sum()
+    if loss_type == "grpo":
+        loss = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+    elif loss_type == "bnpo":
+        loss = total / mask.sum().clamp(min=1)
+    elif loss_type == "dr_grpo":
+        loss = total / (logp.shape[0] * max_completion_length)
+    else:  # dapo
+        if num_items_in_batch is None:
+            denominator = mask.sum().clamp(min=1).float()
+        else:
+            denominator = torch.as_tensor(num_items_in_batch, dtype=torch.float32, device=logp.device)
+            denominator = torch.where(denominator > 0, denominator, torch.ones_like(denominator))
+        loss = total / denominator
+
+    with torch.no_grad():
+        low = (ratio < 1 - epsilon) & (adv < 0) & mask
+        high = (ratio > 1 + eps_high) & (adv > 0) & mask
+        metrics = {
+            "clip_fraction_low": _masked_mean(low.float(), mask),
+            "clip_fraction_high": _masked_mean(high.float(), mask),
+            "clip_fraction": _masked_mean((low | high).float(), mask),
+            "ratio_mean": _masked_mean(ratio, mask),
+        }
+        if kl is not None:
+            metrics["kl"] = _masked_mean(kl, mask)
+    return loss, {k: v.detach() for k, v in metrics.items()}

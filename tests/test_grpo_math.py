@@ -1,0 +1,347 @@
+"""GRPO math on hand-made tensors: advantages, chunked log-probs, the clipped loss and its aggregations."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from gainrl_pl.grpo import (
+    LOSS_TYPES,
+    compute_advantages,
+    policy_loss,
+    selective_log_softmax,
+    token_entropy,
+    token_logprobs,
+)
+
+EPS = 1e-4  # TRL's std epsilon, the default of compute_advantages
+
+
+# ----------------------------------------------------------------------------------------------- advantages
+def test_group_advantages_by_hand():
+    # r = [1, 0, 0, 0]: mean 0.25; deviations 0.75, -0.25 x3; sum of squares 0.5625 + 3 * 0.0625 = 0.75;
+    # unbiased var 0.75 / 3 = 0.25 -> std 0.5; A = dev / (0.5 + 1e-4)
+    adv = compute_advantages(torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    expected = torch.tensor([[0.75, -0.25, -0.25, -0.25]]) / (0.5 + EPS)
+    torch.testing.assert_close(adv, expected)
+
+
+def test_batch_and_none_scaling_by_hand():
+    rewards = torch.tensor([[1.0, 0.0], [1.0, 1.0]])
+    # centred per group: [[0.5, -0.5], [0, 0]]; batch std of [1, 0, 1, 1]: mean 0.75, squares of
+    # 0.25, -0.75, 0.25, 0.25 sum to 0.75, / 3 = 0.25 -> std 0.5
+    torch.testing.assert_close(
+        compute_advantages(rewards, "batch"), torch.tensor([[0.5, -0.5], [0.0, 0.0]]) / (0.5 + EPS)
+    )
+    # Dr. GRPO: only centred. [[1, 0], [3, 1]] -> means 0.5, 2 -> [[0.5, -0.5], [1, -1]]
+    torch.testing.assert_close(
+        compute_advantages(torch.tensor([[1.0, 0.0], [3.0, 1.0]]), "none"),
+        torch.tensor([[0.5, -0.5], [1.0, -1.0]]),
+    )
+
+
+@pytest.mark.parametrize("scale", ["group", "batch", "none"])
+def test_equal_groups_give_exact_zero_and_single_completion_groups_too(scale):
+    # 0.1 is not exact in binary: the mean of three 0.1s is off by an ulp, yet the advantage must be 0
+    rewards = torch.tensor([[0.1, 0.1, 0.1], [1.0, 0.0, 0.5], [7.0, 7.0, 7.0]])
+    adv = compute_advantages(rewards, scale)
+    assert torch.equal(adv[0], torch.zeros(3)) and torch.equal(adv[2], torch.zeros(3))
+    assert adv[1].abs().sum() > 0
+    single = compute_advantages(torch.tensor([[3.0], [0.0]]), scale)  # G = 1: undefined std -> 0, not NaN
+    assert torch.equal(single, torch.zeros(2, 1))
+
+
+def test_advantage_errors():
+    with pytest.raises(ValueError, match="scale_rewards='std'.*group, batch, none"):
+        compute_advantages(torch.zeros(2, 2), "std")
+    with pytest.raises(ValueError, match="NaN"):
+        compute_advantages(torch.tensor([[1.0, float("nan")]]))
+    with pytest.raises(ValueError, match="num_prompts, G"):
+        compute_advantages(torch.zeros(4))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    st.lists(st.lists(st.floats(-10, 10), min_size=3, max_size=3), min_size=1, max_size=5),
+    st.sampled_from(["group", "batch", "none"]),
+)
+def test_advantages_are_centred_and_finite(rows, scale):
+    adv = compute_advantages(torch.tensor(rows, dtype=torch.float64), scale)
+    assert torch.isfinite(adv).all()
+    assert torch.allclose(adv.sum(dim=1), torch.zeros(len(rows), dtype=torch.float64), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------------------------- log-probs
+def reference_logprobs(logits, ids, temperature=1.0):
+    return torch.log_softmax(logits.float() / temperature, dim=-1).gather(-1, ids.unsqueeze(-1)).squeeze(-1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_size", [1, 3, 100, None])
+def test_token_logprobs_equal_log_softmax_gather(temperature, chunk_size):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 11, generator=g) * 3
+    ids = torch.randint(0, 11, (3, 5), generator=g)
+    out = token_logprobs(logits, ids, temperature=temperature, chunk_size=chunk_size)
+    assert out.dtype == torch.float32 and out.shape == (3, 5)
+    torch.testing.assert_close(out, reference_logprobs(logits, ids, temperature))
+
+
+def test_bf16_logits_and_non_contiguous_view():
+    g = torch.Generator().manual_seed(1)
+    full = (torch.randn(2, 7, 50, generator=g) * 4).bfloat16()
+    logits = full[:, :-1]  # what the module passes: not contiguous, must not be copied or mis-indexed
+    ids = torch.randint(0, 50, (2, 6), generator=g)
+    out = token_logprobs(logits, ids, temperature=0.9, chunk_size=4)
+    assert out.dtype == torch.float32  # computed in float32 from the bf16 logits
+    torch.testing.assert_close(out, reference_logprobs(logits, ids, 0.9), atol=1e-5, rtol=1e-5)
+    # 2-D (N, V) input works too
+    torch.testing.assert_close(
+        selective_log_softmax(logits[0], ids[0], chunk_size=2),
+        reference_logprobs(logits[0], ids[0]),
+        atol=1e-5,
+        rtol=1e-5,
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_gradient_matches_autograd_reference(dtype):
+    g = torch.Generator().manual_seed(2)
+    base = torch.randn(2, 4, 9, generator=g).to(dtype)
+    ids = torch.randint(0, 9, (2, 4), generator=g)
+    weights = torch.randn(2, 4, generator=g)
+    a = base.clone().requires_grad_()
+    (token_logprobs(a, ids, temperature=0.8, chunk_size=3) * weights).sum().backward()
+    b = base.clone().requires_grad_()
+    (reference_logprobs(b, ids, 0.8) * weights).sum().backward()
+    assert a.grad.dtype == dtype
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(a.grad.float(), b.grad.float(), atol=tol, rtol=tol)
+
+
+def test_gradcheck_float64():
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    ids = torch.randint(0, 5, (2, 3), generator=g)
+    assert torch.autograd.gradcheck(
+        lambda x: selective_log_softmax(x, ids, chunk_size=2, temperature=1.3), (logits,)
+    )
+
+
+def test_chunked_path_allocates_no_full_vocab_copy():
+    """One chunk (here 1 row) of float32 at a time: neither saved for backward nor allocated in forward."""
+    B, T, V = 2, 16, 512
+    logits = torch.randn(B, T, V).bfloat16().requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    saved = []
+
+    def pack(t):
+        saved.append(t)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = token_logprobs(logits, ids, chunk_size=1)
+    torch.testing.assert_close(out, reference_logprobs(logits.detach(), ids), atol=1e-5, rtol=1e-5)
+    # saved for backward: the bf16 logits themselves, the ids, one logsumexp per token; no float32 copy
+    assert not [t for t in saved if t.dtype == torch.float32 and t.numel() >= B * T * V]
+
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        token_logprobs(logits, ids, chunk_size=1)
+    biggest = max(e.cpu_memory_usage for e in prof.events())
+    assert biggest < B * T * V * 4 // 4, (
+        f"an op allocated {biggest} bytes; a full float32 copy is {B * T * V * 4}"
+    )
+
+
+def test_token_entropy_chunked():
+    g = torch.Generator().manual_seed(4)
+    logits = torch.randn(2, 5, 13, generator=g).bfloat16()
+    x = logits.float() / 0.7
+    expected = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
+    for chunk in (1, 4, None):
+        torch.testing.assert_close(token_entropy(logits, temperature=0.7, chunk_size=chunk), expected)
+    # uniform logits: entropy log V; a -inf (masked) logit adds nothing instead of NaN
+    assert torch.allclose(token_entropy(torch.zeros(1, 2, 8)), torch.full((1, 2), math.log(8)))
+    masked = torch.zeros(1, 1, 4)
+    masked[..., 0] = float("-inf")
+    assert torch.allclose(token_entropy(masked), torch.full((1, 1), math.log(3)))
+
+
+# ----------------------------------------------------------------------------------------------- the loss
+def two_sequences():
+    """Ratios chosen to hit each clip case. Sequence 0 (A = +1) has 2 tokens, sequence 1 (A = -0.5) has 3.
+
+    eps = 0.2:
+      seq 0, r = 1.5: min(1.5 * 1, 1.2 * 1) = 1.2 -> loss -1.2   (clipped high)
+      seq 0, r = 0.9: min(0.9, 0.9) = 0.9        -> loss -0.9
+      seq 1, r = 1.1: min(-0.55, -0.55)          -> loss 0.55
+      seq 1, r = 0.7: min(-0.35, 0.8 * -0.5 = -0.4) = -0.4 -> loss 0.4  (clipped low)
+      seq 1, r = 1.0:                             -> loss 0.5
+    sums: seq 0 = -2.1, seq 1 = 1.45, all = -0.65 over 5 tokens.
+    """
+    ratios = torch.tensor([[1.5, 0.9, 1.0], [1.1, 0.7, 1.0]])
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]])
+    logp = (old + ratios.log()).requires_grad_()
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    advantages = torch.tensor([1.0, -0.5])
+    return logp, old, advantages, mask
+
+
+@pytest.mark.parametrize(
+    "loss_type, kwargs, expected",
+    [
+        ("grpo", {}, (-2.1 / 2 + 1.45 / 3) / 2),  # per-sequence means, then their mean = -0.283333
+        ("bnpo", {}, -0.65 / 5),  # all tokens of the batch = -0.13
+        ("dr_grpo", {"max_completion_length": 4}, -0.65 / (2 * 4)),  # constant denominator = -0.08125
+        ("dapo", {"num_items_in_batch": 10}, -0.65 / 10),  # the global batch's 10 tokens = -0.065
+        ("dapo", {}, -0.65 / 5),  # no global count: local tokens, same as bnpo
+    ],
+)
+def test_each_loss_type_by_hand(loss_type, kwargs, expected):
+    logp, old, adv, mask = two_sequences()
+    loss, metrics = policy_loss(logp, old, None, adv, mask, loss_type=loss_type, epsilon=0.2, **kwargs)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert metrics["clip_fraction_high"].item() == pytest.approx(1 / 5)  # seq 0, r = 1.5 > 1.2 with A > 0
+    assert metrics["clip_fraction_low"].item() == pytest.approx(1 / 5)  # seq 1, r = 0.7 < 0.8 with A < 0
+    assert metrics["clip_fraction"].item() == pytest.approx(2 / 5)
+    assert metrics["ratio_mean"].item() == pytest.approx((1.5 + 0.9 + 1.1 + 0.7 + 1.0) / 5)
+    assert "kl" not in metrics and all(not v.requires_grad for v in metrics.values())
+
+
+def test_asymmetric_epsilon_high():
+    # epsilon_high = 0.6: r = 1.5 < 1.6 is no longer clipped: seq 0 token 0 loss -1.5, total -0.95 / 5
+    logp, old, adv, mask = two_sequences()
+    loss, metrics = policy_loss(logp, old, None, adv, mask, loss_type="bnpo", epsilon=0.2, epsilon_high=0.6)
+    assert loss.item() == pytest.approx(-0.95 / 5, abs=1e-6)
+    assert metrics["clip_fraction_high"].item() == 0.0
+    assert metrics["clip_fraction_low"].item() == pytest.approx(1 / 5)  # the low side still uses epsilon
+
+
+@pytest.mark.parametrize(
+    "ratio, advantage, delta, expected_loss, expected_grad",
+    [
+        (
+            1.5,
+            -1.0,
+            None,
+            1.5,
+            1.5,
+        ),  # A < 0, ratio high: min picks the unclipped -1.5 (pessimistic), grad flows
+        (1.5, -1.0, 1.3, 1.3, 0.0),  # two-sided clip: the ratio is capped at delta = 1.3, gradient stops
+        (0.5, 1.0, None, -0.5, -0.5),  # A > 0, ratio low: unclipped 0.5 < 0.8, gradient flows
+        (1.5, 1.0, None, -1.2, 0.0),  # A > 0, ratio high: clipped at 1.2, no gradient
+        (0.5, -1.0, None, 0.8, 0.0),  # A < 0, ratio low: clipped at 0.8, no gradient
+    ],
+)
+def test_single_token_clipping_and_gradient(ratio, advantage, delta, expected_loss, expected_grad):
+    # one token: loss = -min(r A, clip(r) A); d loss / d logp = -A r when the unclipped term is active
+    old = torch.tensor([[-1.0]])
+    logp = (old + math.log(ratio)).requires_grad_()
+    loss, _ = policy_loss(
+        logp,
+        old,
+        None,
+        torch.tensor([advantage]),
+        torch.ones(1, 1),
+        loss_type="bnpo",
+        epsilon=0.2,
+        delta=delta,
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(expected_loss, abs=1e-6)
+    assert logp.grad.item() == pytest.approx(expected_grad, abs=1e-6)
+
+
+def test_ratio_one_without_old_logp_still_has_gradient():
+    # old_logp None -> logp.detach(): ratio exactly 1, and d(-r A)/d logp = -A = -2 per token, / 2 tokens
+    logp = torch.tensor([[-0.3, -1.2, -5.0]], requires_grad=True)
+    loss, metrics = policy_loss(
+        logp, None, None, torch.tensor([2.0]), torch.tensor([[1, 1, 0]]), loss_type="bnpo"
+    )
+    loss.backward()
+    assert loss.item() == pytest.approx(-2.0)
+    assert metrics["ratio_mean"].item() == 1.0
+    torch.testing.assert_close(logp.grad, torch.tensor([[-1.0, -1.0, 0.0]]))  # padding gets no gradient
+
+
+def test_kl_k3_values_and_gradient():
+    # d = ref - logp: k3 = e^d - d - 1. d = 0 -> 0; d = ln 2 -> 2 - ln 2 - 1 = 0.306853;
+    # d = -ln 2 -> 0.5 + ln 2 - 1 = 0.193147. The two non-zero terms sum to exactly 0.5.
+    logp = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0 + math.log(2), -1.0 - math.log(2)]])
+    loss, metrics = policy_loss(logp, None, ref, torch.zeros(1), torch.ones(1, 3), loss_type="bnpo", beta=0.1)
+    assert metrics["kl"].item() == pytest.approx(0.5 / 3, abs=1e-6)
+    assert loss.item() == pytest.approx(0.1 * 0.5 / 3, abs=1e-6)  # A = 0: the loss is beta * mean KL
+    loss.backward()
+    # d/d logp [beta (e^d - d - 1)] = beta (1 - e^d), / 3 tokens: 0, 0.1 * (1 - 2) / 3, 0.1 * (1 - 0.5) / 3
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.1 / 3, 0.05 / 3]]))
+    # with beta = 0 a given reference is still measured, but does not enter the loss
+    loss0, metrics0 = policy_loss(
+        logp, None, ref, torch.zeros(1), torch.ones(1, 3), loss_type="bnpo", beta=0.0
+    )
+    assert loss0.item() == 0.0 and metrics0["kl"].item() == pytest.approx(0.5 / 3, abs=1e-6)
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_empty_mask_and_garbage_padding_never_nan(loss_type):
+    logp = torch.tensor([[80.0, -3.0], [-90.0, 60.0]], requires_grad=True)  # exp(+-) overflows if unmasked
+    old = torch.tensor([[-80.0, -3.0], [90.0, -60.0]])
+    ref = torch.tensor([[90.0, -3.0], [-90.0, -60.0]])
+    for mask in (torch.zeros(2, 2), torch.tensor([[0, 1], [0, 0]])):
+        logp.grad = None
+        loss, metrics = policy_loss(
+            logp,
+            old,
+            ref,
+            torch.tensor([1.0, -1.0]),
+            mask,
+            loss_type=loss_type,
+            beta=0.1,
+            max_completion_length=2,
+            num_items_in_batch=0 if mask.sum() == 0 else None,
+        )
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+        assert all(torch.isfinite(v) for v in metrics.values())
+        if mask.sum() == 0:
+            assert loss.item() == 0.0 and metrics["clip_fraction"].item() == 0.0
+
+
+def test_dapo_micro_batches_sum_to_the_whole_batch():
+    # dapo divides every micro-batch by the global token count, so summing micro-batch losses equals
+    # the loss of the whole batch (here == bnpo, whose denominator is the whole batch's token count)
+    logp, old, adv, mask = two_sequences()
+    whole, _ = policy_loss(logp, old, None, adv, mask, loss_type="bnpo")
+    parts = [
+        policy_loss(
+            logp[i : i + 1],
+            old[i : i + 1],
+            None,
+            adv[i : i + 1],
+            mask[i : i + 1],
+            loss_type="dapo",
+            num_items_in_batch=int(mask.sum()),
+        )[0]
+        for i in range(2)
+    ]
+    assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-6)
+
+
+def test_loss_argument_errors():
+    logp, old, adv, mask = two_sequences()
+    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo"):
+        policy_loss(logp, old, None, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match="beta=0.1 > 0 needs ref_logp"):
+        policy_loss(logp, old, None, adv, mask, beta=0.1)
+    with pytest.raises(ValueError, match="dr_grpo.*max_completion_length"):
+        policy_loss(logp, old, None, adv, mask, loss_type="dr_grpo")
+    with pytest.raises(ValueError, match="old_logp shape"):
+        policy_loss(logp, old[:, :2], None, adv, mask)
+    with pytest.raises(ValueError, match="one value per sequence"):
+        policy_loss(logp, old, None, adv[:1], mask)
