@@ -131,12 +131,25 @@ def load_merged_model(adapter_dir: str | Path, *, base_model: str | None = None,
             model.is_loaded_in_4bit = False  # dequantize() leaves the flag, and peft would treat it as 4-bit
         else:
             model = load_model(base, gguf_file=gguf_file, dtype="float32", trust_remote_code=remote)
-    except (FileNotFoundError, OSError) as err:
+    except OSError as err:  # FileNotFoundError included: a moved base path, an unreachable hub id
         raise FileNotFoundError(f"cannot load the adapter's base model {base!r} ({err}); pass the base model "
                                 "explicitly (--base-model for export, --model for evaluate)") from err
     merged = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
     merged = merged.to(parse_dtype(dtype)).eval()
     return merged, base
+
+
+def load_adapter_tokenizer(adapter_dir: str | Path, *, base_model: str | None = None,
+                           trust_remote_code: bool | None = None):
+    """The tokenizer saved beside the adapter (the run saves it there), else the base model's."""
+    from gainrl_pl.models import load_tokenizer
+
+    base, settings = adapter_base_model(adapter_dir, base_model)
+    remote = bool(settings.get("trust_remote_code", False)) if trust_remote_code is None else trust_remote_code
+    if (Path(adapter_dir) / "tokenizer_config.json").exists():
+        return load_tokenizer(str(adapter_dir), trust_remote_code=remote)
+    gguf_file = settings.get("gguf_file") if base == settings.get("model_name_or_path") else None
+    return load_tokenizer(base, gguf_file=gguf_file, trust_remote_code=remote)
 
 
 def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, base_model: str | None = None,
@@ -149,21 +162,13 @@ def merge_adapter(adapter_dir: str | Path, output_dir: str | Path, *, base_model
     Returns:
         `output_dir` as a Path.
     """
-    from gainrl_pl.models import load_tokenizer
-
     adapter_dir, output_dir = Path(adapter_dir), Path(output_dir)
     # output_dir is replaced wholesale below: never let that delete the adapter we read from.
     if adapter_dir.resolve() == output_dir.resolve() or output_dir.resolve() in adapter_dir.resolve().parents:
         raise ValueError(f"output {output_dir} would overwrite the adapter {adapter_dir}: choose another directory")
-    merged, base = load_merged_model(adapter_dir, base_model=base_model, dtype=dtype, quantization=quantization,
-                                     trust_remote_code=trust_remote_code)
-    settings = training_settings(adapter_dir)
-    remote = bool(settings.get("trust_remote_code", False)) if trust_remote_code is None else trust_remote_code
-    if (adapter_dir / "tokenizer_config.json").exists():  # the run saves its tokenizer beside the adapter
-        tokenizer = load_tokenizer(str(adapter_dir), trust_remote_code=remote)
-    else:
-        gguf_file = settings.get("gguf_file") if base == settings.get("model_name_or_path") else None
-        tokenizer = load_tokenizer(base, gguf_file=gguf_file, trust_remote_code=remote)
+    merged, _ = load_merged_model(adapter_dir, base_model=base_model, dtype=dtype, quantization=quantization,
+                                  trust_remote_code=trust_remote_code)
+    tokenizer = load_adapter_tokenizer(adapter_dir, base_model=base_model, trust_remote_code=trust_remote_code)
     output_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=output_dir.parent, prefix=".export-"))
     try:
