@@ -1,30 +1,32 @@
-"""Round samplers: which prompts each sampling round (the paper's "epoch") trains on (spec sections 4, 5, 8, 9).
+"""GAIN-RL's data schedule: a Gaussian over angle-ranked prompts whose mean moves each round (spec sections 4, 5).
 
-One contract for every data schedule, `RoundSampler`, used as a DataLoader `batch_sampler`:
+Pure math first (`gaussian_rank_probabilities`, `update_mean`, `ranking_from_values`), then
+`GaussianRankSampler` (GAIN-RL `angle`; with another ranking `length` and `accuracy_curriculum`), then the
+factory `build_sampler(name, **kwargs)` that maps every config name to its class.
 
-- `indices_for_round()` draws the *global* round: `subset_size` dataset indices, identical on every DDP rank
-  (same seed, same state); `__iter__` takes this rank's shard and yields batches of `batch_size` prompts;
-- `update(prompt_indices, per_prompt_accuracy, per_prompt_signal)` after the round's rollouts;
-- `state_dict()` / `load_state_dict()`: everything the next round depends on, RNG and position in the round
-  included, in plain Python types (`torch.load(weights_only=True)` and JSON both work).
-
-Schedules: `GaussianRankSampler` (GAIN-RL `angle`; with another ranking `length` and `accuracy_curriculum`),
-`UniformSampler` (vanilla GRPO), `AdaRFTSampler` (arXiv 2504.05520) and `PassRatePrioritySampler`.
-`build_sampler(name, **kwargs)` maps the config names to classes. DAPO's group filter lives in `group_filter`.
-
-No Lightning and no model here: numpy for the draws, torch only for the `Sampler` base class.
+The contract all schedules implement, `RoundSampler`, is in `gainrl_pl.round_sampler`; the baselines
+(`UniformSampler`, `AdaRFTSampler`, `PassRatePrioritySampler`) are in `gainrl_pl.schedules`. Both are
+re-exported here, so `from gainrl_pl.sampling import ...` reaches every sampler. DAPO's group filter lives
+in `group_filter`. No Lightning and no model here.
 """
 
 from __future__ import annotations
 
 import inspect
 import math
-import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from torch.utils.data import Sampler
+
+from gainrl_pl.round_sampler import RoundSampler, finite_mean, top_k_without_replacement
+from gainrl_pl.schedules import (
+    PASS_RATE_ESTIMATORS,
+    PASS_RATE_WEIGHTINGS,
+    AdaRFTSampler,
+    PassRatePrioritySampler,
+    UniformSampler,
+)
 
 # ----------------------------------------------------------------------------------------------- pure math
 
@@ -152,264 +154,6 @@ def ranking_from_values(values: Sequence[float], descending: bool = False) -> li
     return [int(i) for i in np.argsort(-arr if descending else arr, kind="stable")]
 
 
-def _top_k_without_replacement(log_weights: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k distinct positions drawn without replacement with probability proportional to exp(log_weights).
-
-    Gumbel-top-k: adding Gumbel noise to the log weights and keeping the k largest is the same distribution as
-    drawing one at a time and renormalizing (what `Generator.choice(replace=False, p=...)` does). Working in log
-    space means a weight too small for float64 still orders the tail by its log weight, so a round larger than
-    the number of ranks with non-negligible probability falls back to the nearest ranks instead of raising.
-    Returns positions in draw order (largest key first).
-    """
-    keys = log_weights + rng.gumbel(size=log_weights.shape[0])
-    top = np.argpartition(-keys, k - 1)[:k] if k < keys.shape[0] else np.arange(keys.shape[0])
-    return top[np.argsort(-keys[top], kind="stable")]
-
-
-def _check_positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or int(value) != value or value < 1:
-        raise ValueError(f"{name}={value!r} must be an integer >= 1")
-    return int(value)
-
-
-def _mean_of(name: str, values: Sequence[float]) -> float:
-    arr = np.asarray(values, dtype=np.float64)
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} has non-finite values ({int((~np.isfinite(arr)).sum())} of {arr.size})")
-    return float(arr.mean())
-
-
-# ------------------------------------------------------------------------------------------------ contract
-
-
-class RoundSampler(Sampler[list[int]]):
-    """Base of every data schedule: draws a global round, yields this rank's batches, resumes mid-round.
-
-    Rounds and DDP: `indices_for_round()` returns the same `subset_size` dataset indices on every rank. The
-    round is padded to a multiple of `batch_size * num_replicas` by repeating it from its start (or, with
-    `drop_uneven`, truncated to one), then split *strided*: rank r gets positions r, r + W, r + 2W, ... so that
-    global step k trains the contiguous slice [k B W, (k+1) B W) of the round. Rounds are ordered (GAIN-RL puts
-    the most concentrated prompts first), and the strided split keeps that order across ranks step by step.
-    Every rank yields the same number of batches, `len(sampler)`, so DDP never waits on a missing backward.
-
-    Round lifecycle: `__iter__` starts a round if none is in progress and yields its batches from the first
-    one not yet consumed. DataLoaders prefetch, so the sampler cannot know what was trained: a callback calls
-    `mark_batch_consumed()` after each trained batch (the GainRLScheduler callback does; without those calls a
-    round never ends and every epoch re-serves it). A round closes at the next `__iter__` once all its
-    batches are consumed (or explicitly with `end_round()`); iterating again before that resumes the same round,
-    which is how a mid-round checkpoint resumes.
-
-    Under DDP every rank must call `update()` with the same, all-gathered round results, or the ranks' states
-    (and so their next rounds) diverge.
-
-    Args:
-        num_prompts: N, the number of prompts in the dataset the indices point into.
-        subset_size: Prompts per round (the paper's epoch), summed over all DDP ranks; <= num_prompts.
-        batch_size: Prompts per batch on each rank (each gets G completions).
-        num_replicas: DDP world size.
-        rank: This process's DDP rank, in [0, num_replicas).
-        seed: Seed of the round draws; the same on every rank.
-        drop_uneven: When the round is not a multiple of batch_size * num_replicas, drop its tail instead of
-            padding it with repeats from the round's start.
-    """
-
-    def __init__(self, num_prompts: int, subset_size: int, batch_size: int, *, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0, drop_uneven: bool = False) -> None:
-        self.num_prompts = _check_positive_int("num_prompts", num_prompts)
-        self.subset_size = _check_positive_int("subset_size", subset_size)
-        self.batch_size = _check_positive_int("batch_size", batch_size)
-        if self.subset_size > self.num_prompts:
-            raise ValueError(f"subset_size={subset_size} is larger than the dataset ({num_prompts} prompts); "
-                             f"allowed: 1..{num_prompts}")
-        if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-            raise ValueError(f"seed={seed!r} must be an integer >= 0")
-        self.seed = int(seed)
-        # Deliberately not called `drop_last`: Lightning re-instantiates anything with `batch_size` and
-        # `drop_last` as if it were a torch BatchSampler, which would lose this sampler's state.
-        self.drop_uneven = bool(drop_uneven)
-        self._rng = np.random.default_rng(self.seed)
-        self.rounds_completed = 0
-        """Rounds closed so far."""
-        self.round_indices: list[int] | None = None
-        """The global round in progress (dataset indices, before padding), or None between rounds."""
-        self.consumed_batches = 0
-        """Batches of the round in progress that this rank has trained (the same count on every rank)."""
-        self.num_replicas, self.rank = 0, 0  # "not set yet": set_distributed validates and warns once
-        self.set_distributed(num_replicas, rank)
-
-    # --------------------------------------------------------------------------- to implement
-    def indices_for_round(self) -> list[int]:
-        """Draw the next global round: `subset_size` dataset indices, identical on every rank.
-
-        Advances the sampler's RNG; `__iter__` calls it once per round, so call it directly only to inspect.
-        """
-        raise NotImplementedError
-
-    def update(self, prompt_indices: Sequence[int], per_prompt_accuracy: Sequence[float],
-               per_prompt_signal: Sequence[float]) -> dict[str, float]:
-        """Feed back the round's rollouts (all ranks' results); returns metrics to log. Default: no-op, {}.
-
-        Args:
-            prompt_indices: Dataset index of each trained prompt (repeats allowed).
-            per_prompt_accuracy: Mean correctness of each prompt's G completions, in [0, 1].
-            per_prompt_signal: Per-prompt signal (GAIN-RL: angle concentration).
-        """
-        return {}
-
-    def set_ranking(self, order: Sequence[int]) -> None:
-        """Install a ranking (dataset indices, best first). Ignored by samplers that need none."""
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        pass
-
-    # --------------------------------------------------------------------------- DDP
-    def set_distributed(self, num_replicas: int, rank: int) -> None:
-        """Set the DDP world size and this process's rank (before iterating, or to resume on another world size).
-
-        A round in progress keeps its position: the prompts consumed so far are converted to batches of the new
-        layout (rounded down, so a few prompts may repeat rather than be skipped).
-        """
-        num_replicas = _check_positive_int("num_replicas", num_replicas)
-        if isinstance(rank, bool) or int(rank) != rank or not 0 <= rank < num_replicas:
-            raise ValueError(f"rank={rank!r} must be an integer in [0, num_replicas={num_replicas})")
-        if self.drop_uneven and self.subset_size < self.batch_size * num_replicas:
-            raise ValueError(
-                f"subset_size={self.subset_size} is smaller than batch_size * num_replicas = {self.batch_size} * "
-                f"{num_replicas}; with drop_uneven=True every rank would get 0 batches. Use subset_size >= "
-                f"{self.batch_size * num_replicas}, a smaller batch_size, or drop_uneven=False (pads with repeats)")
-        step = self.batch_size * num_replicas
-        if self.subset_size % step and num_replicas != self.num_replicas:
-            # Not an error (small datasets clamp subset_size), but a round then trains some prompts twice
-            # or never: say so once, with the numbers.
-            tail, extra = self.subset_size % step, -self.subset_size % step
-            what = (f"drops its last {tail} prompts" if self.drop_uneven else
-                    f"repeats {extra} prompts from its start (drop_uneven=True drops {tail} instead)")
-            warnings.warn(f"subset_size={self.subset_size} is not a multiple of batch_size * num_replicas = "
-                          f"{self.batch_size} * {num_replicas}: each round {what}; a multiple of {step} avoids it",
-                          stacklevel=3)
-        consumed_prompts = self.consumed_batches * self.batch_size * self.num_replicas
-        self.num_replicas, self.rank = int(num_replicas), int(rank)
-        if consumed_prompts:
-            self.consumed_batches = consumed_prompts // (self.batch_size * self.num_replicas)
-
-    # --------------------------------------------------------------------------- rounds
-    @property
-    def round_in_progress(self) -> bool:
-        """True between the start of a round and its close."""
-        return self.round_indices is not None
-
-    def _round_length(self, n: int) -> int:
-        step = self.batch_size * self.num_replicas
-        return (n // step) * step if self.drop_uneven else -(-n // step) * step
-
-    def __len__(self) -> int:
-        """Batches per rank per round (the whole round, also when resuming mid-round)."""
-        return self._round_length(self.subset_size) // (self.batch_size * self.num_replicas)
-
-    @property
-    def padded_prompts(self) -> int:
-        """Prompts repeated per round to make the round a multiple of batch_size * num_replicas (0 if dropping)."""
-        return max(0, self._round_length(self.subset_size) - self.subset_size)
-
-    def rank_batches(self, round_indices: Sequence[int]) -> list[list[int]]:
-        """This rank's batches of a global round: pad (or drop), strided shard, chunks of batch_size."""
-        n = len(round_indices)
-        total = self._round_length(n)
-        padded = [int(round_indices[i % n]) for i in range(total)]
-        shard = padded[self.rank::self.num_replicas]
-        return [shard[i:i + self.batch_size] for i in range(0, len(shard), self.batch_size)]
-
-    def start_round(self) -> list[int]:
-        """Draw a round and make it the round in progress; returns its global indices."""
-        if self.round_in_progress:
-            raise RuntimeError("a round is already in progress: call end_round() first")
-        indices = [int(i) for i in self.indices_for_round()]
-        if len(indices) != self.subset_size:
-            raise RuntimeError(f"{type(self).__name__}.indices_for_round returned {len(indices)} indices, "
-                               f"expected subset_size={self.subset_size}")
-        self.round_indices, self.consumed_batches = indices, 0
-        return indices
-
-    def end_round(self) -> None:
-        """Close the round in progress (a no-op between rounds); the next `__iter__` draws a new one."""
-        if self.round_in_progress:
-            self.round_indices, self.consumed_batches = None, 0
-            self.rounds_completed += 1
-
-    def mark_batch_consumed(self) -> None:
-        """Record that this rank trained one more batch of the round (call after each trained batch)."""
-        if not self.round_in_progress:
-            raise RuntimeError("mark_batch_consumed() without a round in progress: iterate the sampler first")
-        if self.consumed_batches >= len(self):
-            raise RuntimeError(f"mark_batch_consumed() called more often than the round has batches ({len(self)})")
-        self.consumed_batches += 1
-
-    def __iter__(self) -> Iterator[list[int]]:
-        """This rank's batches of the round in progress from the first unconsumed one (a new round if none)."""
-        # Decide the round eagerly (not in a generator body) so `iter(sampler)` alone starts it.
-        if self.round_in_progress and self.consumed_batches >= len(self):
-            self.end_round()
-        if not self.round_in_progress:
-            self.start_round()
-        return iter(self.rank_batches(self.round_indices)[self.consumed_batches:])
-
-    def extra_indices(self, count: int, *, step: int, attempt: int = 0, exclude: Sequence[int] = ()) -> list[int]:
-        """`count` more prompts from the round in progress, e.g. to refill a batch after a group filter.
-
-        Drawn uniformly from the global round, distinct while the round (less `exclude`) has enough prompts, by
-        an RNG seeded from (seed, rank, round, step, attempt): it leaves the sampler's state untouched, so resume
-        and the other ranks' rounds are unaffected, and ranks draw different prompts.
-
-        Args:
-            count: How many prompts.
-            step: The training step (global), so each step refills differently.
-            attempt: Which refill within the step.
-            exclude: Dataset indices to avoid (those already in the batch), when the round allows.
-        """
-        if not self.round_in_progress:
-            raise RuntimeError("extra_indices() needs a round in progress: iterate the sampler first")
-        if count < 0:
-            raise ValueError(f"count={count} must be >= 0")
-        rng = np.random.default_rng([self.seed, self.rank, self.rounds_completed, int(step), int(attempt)])
-        excluded = set(int(i) for i in exclude)
-        pool = np.array(sorted(set(self.round_indices) - excluded) or sorted(set(self.round_indices)))
-        distinct = rng.permutation(pool)[:count].tolist()
-        return distinct + rng.choice(pool, size=count - len(distinct)).tolist()
-
-    # --------------------------------------------------------------------------- state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything the next round depends on, in plain Python types (RNG state included)."""
-        return {"sampler": type(self).__name__, "seed": self.seed, "rng": self._rng.bit_generator.state,
-                "rounds_completed": self.rounds_completed,
-                "round_indices": None if self.round_indices is None else list(self.round_indices),
-                "consumed_batches": self.consumed_batches, "batch_size": self.batch_size,
-                "num_replicas": self.num_replicas, **self._extra_state()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore `state_dict()`; a round in progress resumes at its first unconsumed batch.
-
-        A state saved with another batch_size or world size resumes at the same position in the round, counted
-        in prompts (rounded down to whole batches).
-        """
-        if state.get("sampler") != type(self).__name__:
-            raise ValueError(f"sampler state is for {state.get('sampler')!r}, this sampler is "
-                             f"{type(self).__name__!r}: resume with the schedule the checkpoint was trained with")
-        indices = state["round_indices"]
-        if indices is not None and len(indices) != self.subset_size:
-            raise ValueError(f"the saved round has {len(indices)} prompts but subset_size={self.subset_size}: "
-                             "resume with the subset_size the checkpoint was trained with")
-        self._rng.bit_generator.state = state["rng"]
-        self.seed = int(state["seed"])
-        self.rounds_completed = int(state["rounds_completed"])
-        self.round_indices = None if indices is None else [int(i) for i in indices]
-        consumed_prompts = int(state["consumed_batches"]) * int(state["batch_size"]) * int(state["num_replicas"])
-        self.consumed_batches = min(consumed_prompts // (self.batch_size * self.num_replicas), len(self))
-        self._load_extra_state(state)
-
-
 # ------------------------------------------------------------------------------------------------ samplers
 
 
@@ -505,7 +249,7 @@ class GaussianRankSampler(RoundSampler):
     def drawn_ranks(self) -> list[int]:
         """Draw `subset_size` distinct ranks, ascending (advances the RNG; `indices_for_round` uses it)."""
         log_w = _gaussian_log_weights(self.num_prompts, self._draw_mu, self.sigma)
-        return sorted(int(r) for r in _top_k_without_replacement(log_w, self.subset_size, self._rng))
+        return sorted(int(r) for r in top_k_without_replacement(log_w, self.subset_size, self._rng))
 
     def indices_for_round(self) -> list[int]:
         """The round's dataset indices: Gaussian-drawn ranks, ascending, mapped through the ranking."""
@@ -525,8 +269,8 @@ class GaussianRankSampler(RoundSampler):
                              f"{len(per_prompt_signal)} signals must have the same length")
         if len(prompt_indices) == 0:
             return {}
-        result = update_mean(self._mu, _mean_of("per_prompt_accuracy", per_prompt_accuracy),
-                             _mean_of("per_prompt_signal", per_prompt_signal), step_size=self.step_size,
+        result = update_mean(self._mu, finite_mean("per_prompt_accuracy", per_prompt_accuracy),
+                             finite_mean("per_prompt_signal", per_prompt_signal), step_size=self.step_size,
                              sensitivity=self.sensitivity, target_accuracy=self.target_accuracy,
                              min_shift=self.min_shift, max_shift=self.max_shift, num_prompts=self.num_prompts)
         # reference_lag: the TRL script draws round t+1 with mu_t (the mean before this update).
@@ -540,232 +284,6 @@ class GaussianRankSampler(RoundSampler):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._mu, self._draw_mu = float(state["mu"]), float(state["draw_mu"])
-
-
-class UniformSampler(RoundSampler):
-    """Vanilla GRPO: every prompt equally likely, a new permutation for each pass over the data.
-
-    Rounds walk through a seeded permutation of all N prompts, `subset_size` at a time, so a pass over the data
-    visits each prompt exactly once. A round that straddles two passes takes the old pass's tail and the head of
-    the next permutation, with the tail's prompts moved to the end of the new permutation: no prompt repeats
-    within a round, and the new pass still visits each prompt once.
-
-    Args:
-        num_prompts: N, the number of prompts.
-        subset_size: Prompts per round over all ranks.
-        batch_size: Prompts per batch on each rank.
-        num_replicas: DDP world size.
-        rank: This process's DDP rank.
-        seed: Seed of the permutations (the same on every rank).
-        drop_uneven: Drop the round's tail instead of padding it (see `RoundSampler`).
-    """
-
-    def __init__(self, num_prompts: int, subset_size: int = 256, batch_size: int = 8, *, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0, drop_uneven: bool = False) -> None:
-        super().__init__(num_prompts, subset_size, batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
-                         drop_uneven=drop_uneven)
-        self.permutation: list[int] = []
-        """The current pass's order over all prompts (empty before the first round)."""
-        self.position = 0
-        """How many prompts of the current pass earlier rounds took."""
-        self.passes = 0
-        """Permutations drawn so far (passes over the data started)."""
-
-    def _new_pass(self, defer: Sequence[int] = ()) -> None:
-        perm = self._rng.permutation(self.num_prompts).tolist()
-        deferred = set(defer)
-        self.permutation = [i for i in perm if i not in deferred] + [i for i in perm if i in deferred]
-        self.position, self.passes = 0, self.passes + 1
-
-    def indices_for_round(self) -> list[int]:
-        """The next `subset_size` prompts of the current pass (starting a new pass when it runs out)."""
-        if not self.permutation:
-            self._new_pass()
-        take = self.permutation[self.position:self.position + self.subset_size]
-        self.position += len(take)
-        if len(take) < self.subset_size:
-            self._new_pass(defer=take)
-            rest = self.subset_size - len(take)
-            take = take + self.permutation[:rest]
-            self.position = rest
-        return take
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"permutation": list(self.permutation), "position": self.position, "passes": self.passes}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.permutation = [int(i) for i in state["permutation"]]
-        self.position, self.passes = int(state["position"]), int(state["passes"])
-
-
-class AdaRFTSampler(RoundSampler):
-    """AdaRFT (Shi et al. 2025, arXiv 2504.05520): the prompts closest to a target difficulty that tracks reward.
-
-    Each round takes the `subset_size` prompts with the smallest |d_i - T| (ties broken by a seeded random
-    order, redrawn each round), yielded in ascending difficulty. After the round,
-    T <- clamp(T + eta tanh(alpha (R_avg - beta)), d_min, d_max), with R_avg the round's mean reward: the
-    target gets harder while the model succeeds more often than `target_reward`, easier otherwise.
-
-    Args:
-        difficulty: One finite difficulty per prompt, higher = harder (e.g. MATH `level`, or 1 - the base
-            model's pass rate).
-        subset_size: Prompts per round over all ranks.
-        batch_size: Prompts per batch on each rank.
-        num_prompts: N, checked against len(difficulty) when given.
-        initial_target: T_0; default the easiest difficulty (the paper starts at T = 0 on its 0-100 scale).
-        step_size: eta, the largest move of T per round, in difficulty units; default half the difficulty
-            range (the paper: 50 on 0-100).
-        sensitivity: alpha (paper: 2).
-        target_reward: beta, the mean reward the curriculum aims for (paper: 0.5).
-        min_difficulty: d_min, lower bound of T; default the easiest difficulty.
-        max_difficulty: d_max, upper bound of T; default the hardest difficulty.
-        num_replicas: DDP world size.
-        rank: This process's DDP rank.
-        seed: Seed of the tie-breaking order (the same on every rank).
-        drop_uneven: Drop the round's tail instead of padding it (see `RoundSampler`).
-    """
-
-    def __init__(self, difficulty: Sequence[float], subset_size: int = 256, batch_size: int = 8, *,
-                 num_prompts: int | None = None, initial_target: float | None = None,
-                 step_size: float | None = None, sensitivity: float = 2.0, target_reward: float = 0.5,
-                 min_difficulty: float | None = None, max_difficulty: float | None = None, num_replicas: int = 1,
-                 rank: int = 0, seed: int = 0, drop_uneven: bool = False) -> None:
-        d = np.asarray(difficulty, dtype=np.float64)
-        if d.ndim != 1 or d.size == 0:
-            raise ValueError(f"difficulty must be one number per prompt, got shape {d.shape}")
-        bad = np.flatnonzero(~np.isfinite(d))
-        if bad.size:
-            raise ValueError(f"difficulty[{int(bad[0])}]={d[bad[0]]} is not finite")
-        if num_prompts is not None and num_prompts != d.size:
-            raise ValueError(f"num_prompts={num_prompts} but difficulty has {d.size} values")
-        super().__init__(d.size, subset_size, batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
-                         drop_uneven=drop_uneven)
-        self.difficulty = d
-        self.min_difficulty = float(d.min() if min_difficulty is None else min_difficulty)
-        self.max_difficulty = float(d.max() if max_difficulty is None else max_difficulty)
-        if self.min_difficulty > self.max_difficulty:
-            raise ValueError(f"min_difficulty={self.min_difficulty} must be <= max_difficulty={self.max_difficulty}")
-        self.step_size = 0.5 * (self.max_difficulty - self.min_difficulty) if step_size is None else float(step_size)
-        if not (math.isfinite(self.step_size) and self.step_size >= 0):
-            raise ValueError(f"step_size={step_size} (eta) must be >= 0, in difficulty units")
-        self.sensitivity, self.target_reward = float(sensitivity), float(target_reward)
-        start = self.min_difficulty if initial_target is None else float(initial_target)
-        self.target = min(max(start, self.min_difficulty), self.max_difficulty)
-        """T, the current target difficulty."""
-
-    def indices_for_round(self) -> list[int]:
-        """The subset_size prompts closest to T, in ascending difficulty (seeded random tie order)."""
-        tie = self._rng.random(self.num_prompts)
-        closest = np.lexsort((tie, np.abs(self.difficulty - self.target)))[: self.subset_size]
-        return [int(i) for i in closest[np.lexsort((tie[closest], self.difficulty[closest]))]]
-
-    def update(self, prompt_indices: Sequence[int], per_prompt_accuracy: Sequence[float],
-               per_prompt_signal: Sequence[float]) -> dict[str, float]:
-        """Move T by eta tanh(alpha (mean reward - beta)); returns {"target_difficulty", "mean_reward", "shift"}."""
-        if len(prompt_indices) != len(per_prompt_accuracy):
-            raise ValueError(f"update: {len(prompt_indices)} indices but {len(per_prompt_accuracy)} accuracies")
-        if len(prompt_indices) == 0:
-            return {}
-        reward = _mean_of("per_prompt_accuracy", per_prompt_accuracy)
-        old = self.target
-        step = self.step_size * math.tanh(self.sensitivity * (reward - self.target_reward))
-        self.target = min(max(old + step, self.min_difficulty), self.max_difficulty)
-        return {"target_difficulty": self.target, "mean_reward": reward, "shift": self.target - old}
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"target": self.target}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.target = float(state["target"])
-
-
-PASS_RATE_WEIGHTINGS = ("variance", "failure")
-PASS_RATE_ESTIMATORS = ("ema", "mean")
-
-
-class PassRatePrioritySampler(RoundSampler):
-    """Prompts drawn (distinct, without replacement) with weight from their tracked pass rate p.
-
-    `weighting="variance"`: w = p (1 - p), largest at p = 0.5, where a GRPO group most likely has unequal
-    rewards and so a non-zero advantage; `"failure"`: w = 1 - p, favours prompts the model still fails. A
-    `min_weight` floor keeps solved and hopeless prompts drawable, so their estimates can change.
-
-    Args:
-        num_prompts: N, the number of prompts.
-        subset_size: Prompts per round over all ranks.
-        batch_size: Prompts per batch on each rank.
-        weighting: `variance` (p (1 - p)) or `failure` (1 - p).
-        estimator: `ema` (p <- p + ema_rate (acc - p); the first observation replaces the prior) or `mean`
-            (running mean of every observation).
-        ema_rate: Weight of a new observation in the EMA, in (0, 1].
-        prior: Pass rate assumed for prompts never seen, in [0, 1].
-        min_weight: Floor of every weight, > 0 (p (1 - p) is at most 0.25).
-        num_replicas: DDP world size.
-        rank: This process's DDP rank.
-        seed: Seed of the draws (the same on every rank).
-        drop_uneven: Drop the round's tail instead of padding it (see `RoundSampler`).
-    """
-
-    def __init__(self, num_prompts: int, subset_size: int = 256, batch_size: int = 8, *,
-                 weighting: str = "variance", estimator: str = "ema", ema_rate: float = 0.5, prior: float = 0.5,
-                 min_weight: float = 0.01, num_replicas: int = 1, rank: int = 0, seed: int = 0,
-                 drop_uneven: bool = False) -> None:
-        super().__init__(num_prompts, subset_size, batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
-                         drop_uneven=drop_uneven)
-        if weighting not in PASS_RATE_WEIGHTINGS:
-            raise ValueError(f"weighting={weighting!r}: allowed values are {', '.join(PASS_RATE_WEIGHTINGS)}")
-        if estimator not in PASS_RATE_ESTIMATORS:
-            raise ValueError(f"estimator={estimator!r}: allowed values are {', '.join(PASS_RATE_ESTIMATORS)}")
-        if not 0 < ema_rate <= 1:
-            raise ValueError(f"ema_rate={ema_rate} must be in (0, 1]")
-        if not 0 <= prior <= 1:
-            raise ValueError(f"prior={prior} must be in [0, 1]")
-        if not (math.isfinite(min_weight) and min_weight > 0):
-            raise ValueError(f"min_weight={min_weight} must be > 0 (a floor so no prompt starves)")
-        self.weighting, self.estimator = weighting, estimator
-        self.ema_rate, self.prior, self.min_weight = float(ema_rate), float(prior), float(min_weight)
-        self.pass_rate = np.full(self.num_prompts, self.prior)
-        """Tracked pass rate per prompt (the prior where unseen)."""
-        self.observations = np.zeros(self.num_prompts, dtype=np.int64)
-        """How many rollout results each prompt has had."""
-
-    def weights(self) -> np.ndarray:
-        """Unnormalized sampling weight per prompt from the tracked pass rates."""
-        p = self.pass_rate
-        w = p * (1.0 - p) if self.weighting == "variance" else 1.0 - p
-        return np.maximum(w, self.min_weight)
-
-    def indices_for_round(self) -> list[int]:
-        """subset_size distinct prompts, drawn with probability proportional to `weights()` (draw order)."""
-        return [int(i) for i in _top_k_without_replacement(np.log(self.weights()), self.subset_size, self._rng)]
-
-    def update(self, prompt_indices: Sequence[int], per_prompt_accuracy: Sequence[float],
-               per_prompt_signal: Sequence[float]) -> dict[str, float]:
-        """Fold the round's accuracies into the pass rates; returns {"mean_pass_rate", "seen_fraction"}."""
-        if len(prompt_indices) != len(per_prompt_accuracy):
-            raise ValueError(f"update: {len(prompt_indices)} indices but {len(per_prompt_accuracy)} accuracies")
-        for index, acc in zip(prompt_indices, per_prompt_accuracy, strict=True):
-            i, acc = int(index), float(acc)
-            if not 0 <= i < self.num_prompts:
-                raise ValueError(f"update: prompt index {i} outside 0..{self.num_prompts - 1}")
-            if not 0.0 <= acc <= 1.0:
-                raise ValueError(f"update: accuracy {acc} of prompt {i} must be in [0, 1]")
-            self.observations[i] += 1
-            if self.estimator == "mean":
-                rate = 1.0 / self.observations[i]
-            else:
-                rate = 1.0 if self.observations[i] == 1 else self.ema_rate
-            self.pass_rate[i] += rate * (acc - self.pass_rate[i])
-        seen = self.observations > 0
-        return {"mean_pass_rate": float(self.pass_rate[seen].mean()) if seen.any() else self.prior,
-                "seen_fraction": float(seen.mean())}
-
-    def _extra_state(self) -> dict[str, Any]:
-        return {"pass_rate": self.pass_rate.tolist(), "observations": self.observations.tolist()}
-
-    def _load_extra_state(self, state: dict[str, Any]) -> None:
-        self.pass_rate = np.asarray(state["pass_rate"], dtype=np.float64)
-        self.observations = np.asarray(state["observations"], dtype=np.int64)
 
 
 # ------------------------------------------------------------------------------------------------- factory
@@ -799,7 +317,7 @@ def build_sampler(name: str, **kwargs: Any) -> RoundSampler:
 
 
 __all__ = [
-    "SAMPLER_NAMES", "AdaRFTSampler", "GaussianRankSampler", "MeanUpdate", "PassRatePrioritySampler",
-    "RoundSampler", "UniformSampler", "build_sampler", "gaussian_rank_probabilities", "ranking_from_values",
-    "resolve_rank_quantity", "update_mean",
+    "PASS_RATE_ESTIMATORS", "PASS_RATE_WEIGHTINGS", "SAMPLERS", "SAMPLER_NAMES", "AdaRFTSampler",
+    "GaussianRankSampler", "MeanUpdate", "PassRatePrioritySampler", "RoundSampler", "UniformSampler",
+    "build_sampler", "gaussian_rank_probabilities", "ranking_from_values", "resolve_rank_quantity", "update_mean",
 ]
