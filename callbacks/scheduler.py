@@ -4,8 +4,9 @@
   DDP ranks and gathered; question lengths; a difficulty column), unless a checkpoint restored one;
 - each trained batch: tells the sampler (DataLoaders prefetch, so only a callback knows what was trained)
   and collects the module's per-prompt report (accuracy, angle signal);
-- each round end: `sampler.update(...)` with train (paper) or validation accuracy; logs mu, the update's
-  two terms, the mean score and rank of the drawn prompts; optionally re-scores every K rounds;
+- after a round's last batch: `sampler.update(...)` with train (paper) or the latest validation accuracy;
+  logs mu, the update's two terms, the mean score and rank of the drawn prompts; optionally re-scores
+  every K rounds;
 - fit end: writes `gainrl_schedule.png` (mu over rounds, drawn ranks) and `gainrl_schedule.json`.
 """
 
@@ -28,7 +29,8 @@ class GainRLScheduler(pl.Callback):
     """Drives the data schedule of a GainRLDataModule from the GRPOModule's rollouts.
 
     Args:
-        accuracy_source: `train`: the round's rollout accuracy (paper); `val`: the latest validation accuracy.
+        accuracy_source: `train`: the round's rollout accuracy (paper); `val`: the latest validation accuracy
+            (from the previous validation run: rounds end with their last batch, before that round's validation).
         rescore_every_n_rounds: Re-score and re-rank the prompts with the current policy every K rounds (0 = never, as in the paper).
         layer: Decoder layer whose MLP input gives the angle score (negative counts from the end).
         site: `mlp_input` (the paper's hidden states) or `layer_output`.
@@ -96,18 +98,24 @@ class GainRLScheduler(pl.Callback):
 
     # ----------------------------------------------------------------- each batch and round
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        trainer.datamodule.sampler.mark_batch_consumed()
+        sampler = trainer.datamodule.sampler
+        sampler.mark_batch_consumed()
         report = getattr(pl_module, "last_rollout_report", None)
         if report:
             for key, value in report.items():
                 self._round.setdefault(key, []).append(value.detach().cpu())
             pl_module.last_rollout_report = None
+        # The round ends with its last batch, not with Lightning's epoch hooks: those are skipped when a
+        # run resumes from a checkpoint taken after the last batch, and this hook runs before
+        # ModelCheckpoint's, so every checkpoint holds either a whole round's update or none of it.
+        if sampler.consumed_batches >= len(sampler):
+            self._finish_round(trainer, pl_module)
 
-    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+    def _finish_round(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         dm = trainer.datamodule
-        sampler = dm.sampler
         if not self._round:
             return
+        sampler = dm.sampler
         indices = torch.cat(self._round["index"]).long()
         accuracy = torch.cat(self._round["accuracy"]).float()
         signal = torch.cat(self._round["signal"]).float()
@@ -147,8 +155,14 @@ class GainRLScheduler(pl.Callback):
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:
-        return {"history": self.history, "scores": self.scores}
+        # The reports of the round in progress travel too: a checkpoint taken after a round's last batch
+        # (before its end-of-round update) must still apply that update exactly once after a resume.
+        in_progress = {k: torch.cat(v).tolist() for k, v in self._round.items()}
+        return {"history": self.history, "scores": self.scores, "round_reports": in_progress,
+                "ranking_summary": self.ranking_summary}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = list(state_dict.get("history", []))
         self.scores = state_dict.get("scores")
+        self.ranking_summary = dict(state_dict.get("ranking_summary") or {})
+        self._round = {k: [torch.tensor(v)] for k, v in (state_dict.get("round_reports") or {}).items() if v}

@@ -31,7 +31,11 @@ def main(argv: list[str] | None = None) -> None:
 
 def run_lightning_cli(argv: list[str], run: bool = True):
     """Build (and by default run) the LightningCLI over GRPOModule, GainRLDataModule and the scheduler."""
+    from jsonargparse import set_parsing_settings
     from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+
+    # the settings dataclasses document each field in a docstring below it: show those in --help
+    set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
     from gainrl_pl.callbacks import GainRLCheckpoint, GainRLScheduler
     from gainrl_pl.datamodules import GainRLDataModule

@@ -135,8 +135,7 @@ class GRPOModule(pl.LightningModule):
         self.save_hyperparameters(ignore=["rewards"])
         self.hparams["lora"] = asdict(lora) if lora else None
         self.hparams["quantization"] = asdict(quantization) if quantization else None
-        self.hparams["rewards"] = [r if isinstance(r, str) else f"{r.__module__}.{r.__qualname__}"
-                                   for r in (rewards or ["accuracy"])]
+        self.hparams["rewards"] = [r if isinstance(r, str) else _callable_path(r) for r in (rewards or ["accuracy"])]
         _validate_choice("loss_type", loss_type, LOSS_TYPES)
         _validate_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
@@ -173,6 +172,7 @@ class GRPOModule(pl.LightningModule):
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
         self.last_rollout_report: dict[str, torch.Tensor] | None = None
+        self.val_accuracy_at_start: float | None = None
 
     # ----------------------------------------------------------------- optimisation set-up
     def configure_optimizers(self):
@@ -205,6 +205,11 @@ class GRPOModule(pl.LightningModule):
         except Exception:  # infinite loaders: schedule needs max_steps
             return None
 
+    def on_train_start(self) -> None:
+        if self.val_accuracy_at_start is not None:
+            for logger in self.trainer.loggers:
+                logger.log_metrics({"val/accuracy": self.val_accuracy_at_start}, step=0)
+
     def on_fit_start(self) -> None:
         if str(self.trainer.precision).startswith("16"):
             raise ValueError("trainer.precision=16-mixed is not supported with manual GRPO updates "
@@ -219,7 +224,7 @@ class GRPOModule(pl.LightningModule):
         rollout = self._generate(batch, num_generations=hp.num_generations, temperature=hp.temperature,
                                  max_new_tokens=hp.max_completion_length, do_sample=True)
         completions = self._decode(rollout.completion_ids, rollout.completion_mask)
-        rewards = self._rewards(batch, completions, hp.num_generations)
+        rewards = self._rewards(batch, completions, hp.num_generations, rollout)
         group_rewards = rewards.total.view(-1, hp.num_generations)
         advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards).reshape(-1)
         loss_mask = rollout.completion_mask.clone()
@@ -318,9 +323,12 @@ class GRPOModule(pl.LightningModule):
         rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
-    def _rewards(self, batch, completions: list[str], group: int):
+    def _rewards(self, batch, completions: list[str], group: int, rollout: Rollout | None = None):
         prompts = [p for p in batch["prompt"] for _ in range(group)]
         columns = {k: [v for v in values for _ in range(group)] for k, values in batch["columns"].items()}
+        if rollout is not None:  # TRL passes the completion token ids too (length rewards count tokens)
+            columns["completion_ids"] = [ids[m.bool()].tolist() for ids, m in
+                                         zip(rollout.completion_ids, rollout.completion_mask)]
         out = self.reward_computer(prompts, completions, **columns)
         return out.to(self.device)
 
@@ -423,6 +431,12 @@ class GRPOModule(pl.LightningModule):
 
     def on_validation_epoch_end(self) -> None:
         k = 1 if self.hparams.val_temperature <= 0 else self.hparams.val_num_samples
+        if self.trainer.sanity_checking:
+            # Lightning drops sanity-check metrics; with num_sanity_val_steps=-1 this is the accuracy before
+            # training, worth keeping as the baseline of the run.
+            self.val_accuracy_at_start = float(self.val_accuracy.compute())
+            if self.global_rank == 0:
+                print(f"[gainrl] validation accuracy before training: {self.val_accuracy_at_start:.3f}")
         self.log("val/accuracy", self.val_accuracy.compute(), prog_bar=True, sync_dist=False)
         if k > 1:
             self.log(f"val/pass@{k}", self.val_pass_at_k.compute(), sync_dist=False)
@@ -456,6 +470,12 @@ class GRPOModule(pl.LightningModule):
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""
         self.policy.save_pretrained(directory, safe_serialization=True)
         self.tokenizer.save_pretrained(directory)
+
+
+def _callable_path(fn: Callable) -> str:
+    """A dotted path for a reward callable (instances have no __qualname__: use their class's)."""
+    target = fn if hasattr(fn, "__qualname__") else type(fn)
+    return f"{target.__module__}.{target.__qualname__}"
 
 
 def _validate_choice(name: str, value: str, allowed: tuple[str, ...]) -> None:

@@ -286,8 +286,10 @@ def model_fingerprint(model: nn.Module, values_per_tensor: int = 16) -> str:
             flat = p.detach().reshape(-1)
             if flat.numel() == 0 or flat.is_meta:
                 continue
-            idx = torch.linspace(0, flat.numel() - 1, min(values_per_tensor, flat.numel()), device=flat.device)
-            h.update(flat[idx.long()].float().cpu().numpy().tobytes())
+            # integer strides: float32 linspace rounds numel - 1 up past the end for tensors above 2**24
+            k = min(values_per_tensor, flat.numel())
+            idx = torch.arange(k, device=flat.device) * (flat.numel() - 1) // max(k - 1, 1)
+            h.update(flat[idx].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
