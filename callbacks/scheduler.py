@@ -143,9 +143,11 @@ class GainRLScheduler(pl.Callback):
             self._rank(trainer, pl_module)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        # trainer.log_dir is a collective under DDP (a broadcast): every rank must ask, before rank 0 writes
+        log_dir = trainer.log_dir
         if trainer.global_rank != 0 or not self.history:
             return
-        out = Path(trainer.log_dir or trainer.default_root_dir)
+        out = Path(log_dir or trainer.default_root_dir)
         out.mkdir(parents=True, exist_ok=True)
         (out / "gainrl_schedule.json").write_text(json.dumps(self.history, indent=1))
         if self.plot:

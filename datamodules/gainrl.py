@@ -236,6 +236,7 @@ class GainRLDataModule(pl.LightningDataModule):
         return {"input_ids": ids, "attention_mask": mask,
                 "index": torch.tensor([it["position"] for it in items]),
                 "prompt": [it["prompt"] for it in items],
+                "is_padding": torch.tensor([it.get("is_padding", False) for it in items]),
                 "columns": {k: [it["columns"].get(k) for it in items] for k in keys}}
 
     def _with_positions(self, items: list[dict]) -> list[dict]:
@@ -250,9 +251,13 @@ class GainRLDataModule(pl.LightningDataModule):
 
     def _eval_loader(self, items) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)
-        # Strided shard without padding: validation has no collectives per step, so uneven shards are safe
-        # and no prompt is counted twice; torchmetrics syncs the means at epoch end.
-        shard = self._with_positions(items)[rank::world]
+        # Strided shards padded to equal length: every eval step goes through DDP's forward, which
+        # broadcasts buffers (a collective), so ranks with fewer batches would deadlock the others. The
+        # padding rows are flagged and left out of every metric, so no prompt counts twice.
+        items = self._with_positions(items)
+        per_rank = -(-len(items) // world)
+        shard = [{**it, "is_padding": False} for it in items[rank::world]]
+        shard += [{**items[i % len(items)], "is_padding": True} for i in range(per_rank - len(shard))]
         return DataLoader(shard, batch_size=self.hparams.val_batch_size, shuffle=False, collate_fn=self.collate)
 
     def val_dataloader(self):

@@ -424,10 +424,16 @@ class GRPOModule(pl.LightningModule):
         group = 1 if greedy else n
         completions = self._decode(rollout.completion_ids, rollout.completion_mask)
         rewards = self._rewards(batch, completions, group)
+        real = ~batch["is_padding"].to(self.device) if "is_padding" in batch else None
         correct = self._accuracy_values(rewards).view(-1, group).float()
+        lengths = rollout.completion_mask.sum(dim=1).float().view(-1, group)
+        if real is not None:  # DDP pads shards to equal length; padding rows never count
+            correct, lengths = correct[real], lengths[real]
+        if correct.numel() == 0:
+            return
         self.val_accuracy.update(correct.mean(dim=1))
         self.val_pass_at_k.update(torch.tensor([pass_at_k(group, int(c.sum()), group) for c in correct]))
-        self.val_completion_length.update(rollout.completion_mask.sum(dim=1).float())
+        self.val_completion_length.update(lengths.reshape(-1))
 
     def on_validation_epoch_end(self) -> None:
         k = 1 if self.hparams.val_temperature <= 0 else self.hparams.val_num_samples

@@ -1,0 +1,104 @@
+"""A real 2-process DDP (gloo) GRPO run on a tiny model; each rank writes what it saw to <out>/rank<R>.json.
+
+Run by tests/test_ddp.py in a subprocess: `strategy="ddp"` re-launches the running script once per rank,
+which under pytest would re-run pytest itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import lightning.pytorch as pl
+import torch
+
+
+CALLS: list[list[float]] = []  # this process's reward values, read back by the Recorder
+
+
+def length_pattern_reward(prompts, completions, **columns):
+    """Rewards that differ by prompt length, so ranks (holding different prompts) see different rewards."""
+    values = [float(len(p) % 3 == 0) + 0.1 * (len(c) % 5) for p, c in zip(prompts, completions)]
+    CALLS.append(values)
+    return values
+
+
+class Recorder(pl.Callback):
+    """Records, per step, the prompt indices this rank trained on, the logged metrics and the local rewards."""
+
+    def __init__(self) -> None:
+        self.steps: list[dict] = []
+        self.val_local: list[float] = []
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        # greedy validation, one completion per prompt: correct = total reward > 0.5 (no accuracy reward)
+        values = CALLS.pop()
+        self.val_local += [float(v > 0.5) for v, pad in zip(values, batch["is_padding"].tolist()) if not pad]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("reward/", "train/"))}
+        sampler = trainer.datamodule.sampler
+        self.steps.append({"step": trainer.global_step, "indices": batch["index"].tolist(),
+                           "round": sampler.state_dict()["rounds_completed"], "metrics": metrics,
+                           "round_indices": list(sampler.round_indices or []),
+                           "local_rewards": [v for call in CALLS for v in call]})
+        CALLS.clear()
+
+
+def main() -> None:
+    import faulthandler
+    if os.environ.get("DDP_DEBUG"):
+        faulthandler.dump_traceback_later(int(os.environ["DDP_DEBUG"]), exit=True)
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", required=True)
+    parser.add_argument("--data", required=True)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--lora", action="store_true")
+    parser.add_argument("--schedule", default="angle")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    from gainrl_pl.callbacks import GainRLScheduler
+    from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+    from gainrl_pl.model_setup import LoraSettings
+    from gainrl_pl.module import GRPOModule
+
+    pl.seed_everything(0)
+    module = GRPOModule(model_name_or_path=args.model, num_generations=2, max_completion_length=6,
+                        rewards=[length_pattern_reward], learning_rate=1e-3,
+                        lora=LoraSettings(r=4, alpha=8) if args.lora else None)
+    # 7 prompts per round over 2 ranks x 2 per step: uneven, so the sampler must pad consistently
+    dm = GainRLDataModule(train_data=args.data, val_data=args.data, val_limit=9, preset="generic", prompt="none",
+                          tokenizer=args.model, prompts_per_step=2, val_batch_size=2,
+                          schedule=ScheduleSettings(name=args.schedule, subset_size=7, sigma=0.5, step_size=0.2,
+                                                    max_shift=0.3))
+    recorder = Recorder()
+    scheduler = GainRLScheduler(use_cache=False)
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=args.steps, max_epochs=-1,
+                         default_root_dir=args.out,
+                         logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, use_distributed_sampler=False, num_sanity_val_steps=0,
+                         check_val_every_n_epoch=1, callbacks=[scheduler, recorder])
+    trainer.fit(module, datamodule=dm)
+    CALLS.clear()
+    recorder.val_local = []
+    val = trainer.validate(module, datamodule=dm, verbose=False)[0]
+    digest = hashlib.sha256()
+    for name, p in sorted(module.policy.named_parameters()):
+        if p.requires_grad:
+            digest.update(name.encode() + p.detach().float().numpy().tobytes())
+    rank = trainer.global_rank
+    Path(args.out).mkdir(parents=True, exist_ok=True)
+    (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({
+        "rank": rank, "world_size": trainer.world_size, "global_step": trainer.global_step,
+        "steps": recorder.steps, "weights_sha256": digest.hexdigest(), "ranking": dm.ranking,
+        "mu": getattr(dm.sampler, "mu", None), "history": scheduler.history, "val": val,
+        "val_local": recorder.val_local, "pid": os.getpid()}))
+
+
+if __name__ == "__main__":
+    main()
