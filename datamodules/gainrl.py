@@ -246,8 +246,10 @@ class GainRLDataModule(pl.LightningDataModule):
         if self.ranking is None and self.schedule.name in ("angle", "length", "accuracy_curriculum"):
             raise RuntimeError(f"schedule {self.schedule.name!r} has no ranking yet: add the GainRLScheduler "
                                "callback (the CLI always does), or call datamodule.set_ranking(order)")
+        # A private generator: each DataLoader iteration draws a base seed, and from the global torch RNG that
+        # draw would shift the rollouts' sampling stream between a checkpoint and its resumed run.
         return DataLoader(self._with_positions(self.train_set), batch_sampler=self.sampler, collate_fn=self.collate,
-                          num_workers=self.hparams.num_workers)
+                          num_workers=self.hparams.num_workers, generator=torch.Generator().manual_seed(0))
 
     def _eval_loader(self, items) -> DataLoader:
         world, rank = (self.trainer.world_size, self.trainer.global_rank) if self.trainer else (1, 0)

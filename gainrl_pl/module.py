@@ -22,6 +22,7 @@ from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.rewards import RewardComputer
+from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
 from gainrl_pl.signal import AngleSignalProbe
 from gainrl_pl.metrics import pass_at_k
@@ -173,6 +174,7 @@ class GRPOModule(pl.LightningModule):
         self.nonfinite_total = 0
         self.last_rollout_report: dict[str, torch.Tensor] | None = None
         self.val_accuracy_at_start: float | None = None
+        self._pending_rng_states: dict | None = None
 
     # ----------------------------------------------------------------- optimisation set-up
     def configure_optimizers(self):
@@ -206,6 +208,9 @@ class GRPOModule(pl.LightningModule):
             return None
 
     def on_train_start(self) -> None:
+        if self._pending_rng_states is not None:  # applied as late as possible: nothing may draw in between
+            restore_rng_states(self._pending_rng_states)
+            self._pending_rng_states = None
         if self.val_accuracy_at_start is not None:
             for logger in self.trainer.loggers:
                 logger.log_metrics({"val/accuracy": self.val_accuracy_at_start}, step=0)
@@ -468,9 +473,12 @@ class GRPOModule(pl.LightningModule):
             for key in [k for k in state if k.startswith("ref_model.")]:
                 del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
+        # saved at a batch end, this is the state the next rollout starts sampling from
+        checkpoint["gainrl_rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
+        self._pending_rng_states = checkpoint.get("gainrl_rng_states")
 
     def save_hf(self, directory: str) -> None:
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""

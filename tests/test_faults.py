@@ -1,0 +1,75 @@
+"""Faults inside a step: non-finite updates are skipped and counted, then stop the run; OOM says what to lower."""
+
+from __future__ import annotations
+
+import json
+
+import lightning.pytorch as pl
+import pytest
+import torch
+
+from gainrl_pl.callbacks import GainRLScheduler
+from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+from gainrl_pl.module import GRPOModule
+
+
+def varied_reward(prompts, completions, **columns):
+    return [float(len(c) % 3) for c in completions]
+
+
+@pytest.fixture()
+def setup(tiny_model_dir, tmp_path):
+    data = tmp_path / "d.jsonl"
+    data.write_text("".join(json.dumps({"question": f"q {i}?", "answer": str(i)}) + "\n" for i in range(8)))
+    module = GRPOModule(model_name_or_path=str(tiny_model_dir), num_generations=4, max_completion_length=5,
+                        rewards=[varied_reward], learning_rate=1e-3, max_consecutive_nonfinite=2)
+    dm = GainRLDataModule(train_data=str(data), preset="generic", prompt="none", tokenizer=str(tiny_model_dir),
+                          prompts_per_step=2, schedule=ScheduleSettings(name="uniform", subset_size=4))
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, max_epochs=-1, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         use_distributed_sampler=False, callbacks=[GainRLScheduler(use_cache=False)])
+    return module, dm, trainer
+
+
+def test_nonfinite_gradients_skip_the_update_then_stop(setup, monkeypatch):
+    module, dm, trainer = setup
+    before = {n: p.detach().clone() for n, p in module.policy.named_parameters()}
+    real_backward = module.manual_backward
+
+    def poisoned_backward(loss, *args, **kwargs):
+        real_backward(loss * float("nan"), *args, **kwargs)
+
+    monkeypatch.setattr(module, "manual_backward", poisoned_backward)
+    with pytest.raises(FloatingPointError, match="2 updates in a row had a non-finite"):
+        trainer.fit(module, datamodule=dm)
+    assert module.nonfinite_total == 2
+    for n, p in module.policy.named_parameters():  # the skipped updates left the weights untouched
+        assert torch.equal(p, before[n]), n
+
+
+def test_one_nonfinite_update_is_skipped_and_training_goes_on(setup, monkeypatch):
+    module, dm, trainer = setup
+    real_backward = module.manual_backward
+    calls = {"n": 0}
+
+    def poison_once(loss, *args, **kwargs):
+        calls["n"] += 1
+        real_backward(loss * float("inf") if calls["n"] == 2 else loss, *args, **kwargs)
+
+    monkeypatch.setattr(module, "manual_backward", poison_once)
+    trainer.fit(module, datamodule=dm)
+    # max_steps counts optimizer steps that happened: the skipped one costs one extra batch
+    assert trainer.global_step == 6 and calls["n"] == 7
+    assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
+    assert trainer.callback_metrics["train/nonfinite_updates"] == 1
+
+
+def test_out_of_memory_in_generation_names_the_knobs(setup, monkeypatch):
+    module, dm, trainer = setup
+
+    def oom(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(module.policy, "generate", oom)
+    with pytest.raises(torch.OutOfMemoryError, match="generation_batch_size.*max_completion_length.*num_generations"):
+        trainer.fit(module, datamodule=dm)
