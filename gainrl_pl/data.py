@@ -77,6 +77,8 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
     "amc": DatasetPreset("problem", "answer", "latex"),  # AMC answers are JSON numbers (142.0 -> "142")
     "arithmetic": DatasetPreset("question", "answer", "identity"),
     "generic": DatasetPreset("question", "answer", "identity"),
+    # code rows (prompt, tests, entry_point): the tests stand in the answer column; see gainrl_pl.code_data
+    "code": DatasetPreset("prompt", "tests", "identity"),
 }
 
 

@@ -55,6 +55,13 @@ PROMPT_PRESETS: dict[str, PromptTemplate] = {
     ),
     "plain": PromptTemplate(question_format=_QUESTION + " Put the final answer in \\boxed{}."),
     "none": PromptTemplate(),
+    # code tasks: one fenced python block, which is what the code reward extracts first
+    "code": PromptTemplate(
+        system_prompt=("You are an expert Python programmer. Solve the task with a complete, self-contained "
+                       "Python function, including any imports it needs."),
+        question_format=("{question}\n\nReply with the complete function in a single fenced code block that "
+                         "starts with ```python and ends with ```."),
+    ),
 }
 
 

@@ -22,7 +22,7 @@ def _parts(tokenizer, seg):
 
 
 def test_presets_and_lookup():
-    assert set(PROMPT_PRESETS) == {"paper", "plain", "none"}
+    assert set(PROMPT_PRESETS) == {"paper", "plain", "none", "code"}
     paper = get_prompt_template("paper")
     assert "\\boxed{}" in paper.system_prompt and "step by step" in paper.system_prompt
     assert paper.few_shot[0][0] == "What is 2+2?" and "\\boxed{4}" in paper.few_shot[0][1]
