@@ -24,7 +24,7 @@ from gainrl_pl.models import load_tokenizer
 from gainrl_pl.rewards import RewardComputer
 from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
-from gainrl_pl.signal import AngleSignalProbe
+from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.metrics import pass_at_k
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
