@@ -3,6 +3,8 @@
 rollout (G sampled completions per prompt) -> rewards -> group advantages -> clipped policy loss,
 with `num_iterations` PPO-style passes per rollout, mini-batches and gradient accumulation done here
 (manual optimization), and a per-prompt report (accuracy, angle signal) for the GAIN-RL scheduler.
+Optionally DAPO's dynamic sampling between rewards and advantages: drop groups whose rewards are all
+equal and refill the batch from the sampler (spec section 9).
 Knob names and meanings follow TRL's GRPOTrainer where one exists.
 """
 
@@ -10,22 +12,27 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import asdict
-from typing import Any, Callable
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
+from lightning.fabric.utilities.apply_func import move_data_to_device
+from lightning.pytorch.utilities import rank_zero_warn
 from torchmetrics import MeanMetric
 
-from gainrl_pl.grpo import compute_advantages, policy_loss, token_entropy, token_logprobs
+from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
+from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
+from gainrl_pl.group_filter import GroupFilter
+from gainrl_pl.grpo import compute_advantages, policy_loss, token_entropy, token_logprobs
+from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.rewards import RewardComputer
 from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
-from gainrl_pl.angle_signal import AngleSignalProbe
-from gainrl_pl.metrics import pass_at_k
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
@@ -53,6 +60,15 @@ class GRPOModule(pl.LightningModule):
         repetition_penalty: >1 penalises repeated tokens while sampling.
         generation_batch_size: Sequences per `generate` call (bounds rollout memory); `null` = all at once.
         mask_truncated_completions: Exclude completions that hit `max_completion_length` without EOS from the loss.
+        dynamic_sampling: DAPO's dynamic sampling: drop groups whose G rewards are all equal (zero advantage, no
+            signal) and generate for more prompts from the sampler's round until the batch is full again.
+            Works with every data schedule; under DDP all ranks train on the same number of groups. Logs
+            `dynamic_sampling/{dropped_groups,extra_rounds,zero_variance_fraction,trained_groups,skipped_steps}`.
+        max_extra_generation_rounds: Extra generation rounds per step to refill the batch (each draws the
+            missing groups scaled up by the step's survival rate, at most one batch); 0 = drop only, never refill.
+        dynamic_sampling_allow_partial: When the batch is still short after the extra rounds: `false` stops with
+            an error saying what to change; `true` trains on the groups that survived (the same number on every
+            rank) and skips the step, counted, when none survived.
         num_iterations: mu: PPO-style optimisation passes over each rollout (old log-probs kept fixed).
         steps_per_rollout: Optimizer steps per pass over a rollout (the rollout is split into this many mini-batches).
         micro_batch_size: Completions per forward/backward (gradient accumulation inside a mini-batch); `null` = whole mini-batch.
@@ -102,6 +118,9 @@ class GRPOModule(pl.LightningModule):
         repetition_penalty: float = 1.0,
         generation_batch_size: int | None = None,
         mask_truncated_completions: bool = False,
+        dynamic_sampling: bool = False,
+        max_extra_generation_rounds: int = 3,
+        dynamic_sampling_allow_partial: bool = False,
         num_iterations: int = 1,
         steps_per_rollout: int = 1,
         micro_batch_size: int | None = None,
@@ -151,6 +170,9 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"beta={beta} must be >= 0 and epsilon/epsilon_high > 0")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 for sampling (use val_temperature=0 for greedy)")
+        rounds = max_extra_generation_rounds
+        if isinstance(rounds, bool) or int(rounds) != rounds or rounds < 0:
+            raise ValueError(f"max_extra_generation_rounds={rounds!r} must be an integer >= 0")
 
         self.automatic_optimization = False  # several optimizer steps per rollout, accumulation inside a step
         self.strict_loading = False  # checkpoints of LoRA runs hold the adapters only (see on_save_checkpoint)
@@ -172,6 +194,12 @@ class GRPOModule(pl.LightningModule):
         self.completion_logger = CompletionLogger()
         self.nonfinite_in_a_row = 0
         self.nonfinite_total = 0
+        # Stops refilling at the cap without raising: whether to raise is decided with all ranks' counts
+        # (agree_on_group_count), so that no rank raises alone.
+        self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds, oversample=True,
+                                        allow_partial=True)
+        self.dynamic_sampling_skipped_steps = 0
+        self._last_angle_signal = 0.0
         self.last_rollout_report: dict[str, torch.Tensor] | None = None
         self.val_accuracy_at_start: float | None = None
         self._pending_rng_states: dict | None = None
@@ -222,15 +250,43 @@ class GRPOModule(pl.LightningModule):
         if self.ref_model is not None:
             self.ref_model.to(self.device)
         self.policy.train()  # HF loads in eval mode, which silently disables checkpointing and dropout
+        if self.hparams.dynamic_sampling:
+            dm = self.trainer.datamodule
+            if not (hasattr(getattr(dm, "sampler", None), "extra_indices") and hasattr(dm, "collate")
+                    and getattr(dm, "train_set", None) is not None):
+                raise ValueError("dynamic_sampling=True draws refill prompts with `datamodule.sampler.extra_indices` "
+                                 "and collates them with `datamodule.collate`: train with a GainRLDataModule (or a "
+                                 "DataModule with `sampler`, `train_set` and `collate`), or set dynamic_sampling=False")
 
     # ----------------------------------------------------------------- the GRPO step
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> None:
         hp = self.hparams
+        generated = self._rollout(batch)
+        trained, dynamic = generated, None
+        if hp.dynamic_sampling:
+            generated, dynamic = self._dynamic_sampling(generated)
+            trained = generated.select(dynamic.kept, hp.num_generations)
+        step_metrics: dict[str, list[float]] = {}
+        train_tokens, train_seconds = 0, 0.0
+        if trained.num_groups:  # zero only when dynamic sampling gave up, on every rank alike (allow_partial)
+            train_tokens, train_seconds = self._train_on(trained, step_metrics)
+        self._report_rollout(generated, dynamic, step_metrics,
+                             gen_tokens=int(generated.rollout.completion_mask.sum()), train_tokens=train_tokens,
+                             train_seconds=train_seconds)
+
+    def _rollout(self, batch: dict[str, Any]) -> GroupBatch:
+        """G sampled completions per prompt of `batch`, decoded and rewarded."""
+        hp = self.hparams
         rollout = self._generate(batch, num_generations=hp.num_generations, temperature=hp.temperature,
                                  max_new_tokens=hp.max_completion_length, do_sample=True)
         completions = self._decode(rollout.completion_ids, rollout.completion_mask)
-        rewards = self._rewards(batch, completions, hp.num_generations, rollout)
-        group_rewards = rewards.total.view(-1, hp.num_generations)
+        return GroupBatch(batch, rollout, completions, self._rewards(batch, completions, hp.num_generations, rollout))
+
+    def _train_on(self, groups: GroupBatch, step_metrics: dict[str, list[float]]) -> tuple[int, float]:
+        """Advantages, then `num_iterations` passes of clipped-loss updates; returns (tokens trained, seconds)."""
+        hp = self.hparams
+        rollout = groups.rollout
+        group_rewards = groups.rewards.total.view(-1, hp.num_generations)
         advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards).reshape(-1)
         loss_mask = rollout.completion_mask.clone()
         if hp.mask_truncated_completions:
@@ -244,10 +300,11 @@ class GRPOModule(pl.LightningModule):
             ref_logp = self._reference_logprobs(input_ids, attention, rollout) if hp.beta > 0 else None
 
         n = input_ids.shape[0]
-        mini_batches = _split(n, hp.steps_per_rollout)
+        # A partial batch (dynamic_sampling_allow_partial) may hold fewer completions than mini-batches; n is the
+        # same on every rank, so the clamp is too.
+        mini_batches = _split(n, min(hp.steps_per_rollout, n) if hp.dynamic_sampling else hp.steps_per_rollout)
         opt = self.optimizers()
         sched = self.lr_schedulers()
-        step_metrics: dict[str, list[float]] = {}
         train_tokens = 0
         t0 = _now()
         for iteration in range(hp.num_iterations):
@@ -279,11 +336,7 @@ class GRPOModule(pl.LightningModule):
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 self._optimizer_step(opt, sched, step_metrics)
-        train_seconds = _now() - t0
-
-        self._report_rollout(batch, rollout, rewards, completions, step_metrics,
-                             gen_tokens=int(rollout.completion_mask.sum()), train_tokens=train_tokens,
-                             train_seconds=train_seconds)
+        return train_tokens, _now() - t0
 
     def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]]) -> None:
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -307,6 +360,71 @@ class GRPOModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
 
+    # ----------------------------------------------------------------- dynamic sampling (DAPO, spec section 9)
+    def _dynamic_sampling(self, first: GroupBatch) -> tuple[GroupBatch, DynamicSamplingOutcome]:
+        """Drop groups whose rewards are all equal and refill from the sampler; returns every generated group.
+
+        Generation has no collectives, so each rank refills on its own and ranks may run different numbers of
+        extra rounds. Then one all_gather of the counts: every rank trains on the first `common` of its kept
+        groups (`common` = the minimum over ranks; the step's own prompts come before refills), so backward
+        runs equally often everywhere; when short at the cap, every rank raises or every rank goes on.
+        """
+        hp = self.hparams
+        G = hp.num_generations
+        target = first.num_groups
+        f = self.group_filter
+        f.begin(target)
+        parts, keeps = [first], [f.add(first.rewards.total.view(-1, G))]
+        while not f.done:
+            count = f.next_draw_size()  # 0 once the cap is reached
+            if count == 0:
+                break
+            drawn = torch.cat([p.batch["index"] for p in parts]).tolist()
+            parts.append(self._rollout(self._refill_batch(count, attempt=f.step_extra_rounds, exclude=drawn)))
+            keeps.append(f.add(parts[-1].rewards.total.view(-1, G)))
+        generated = GroupBatch.concat(parts, self.tokenizer.pad_token_id)
+        local = torch.tensor([[f.kept, f.step_dropped, f.step_seen, f.step_extra_rounds]], device=self.device)
+        counts = self._gather_flat(local).reshape(-1, 4).cpu()
+        common = agree_on_group_count(counts, target, max_extra_generation_rounds=hp.max_extra_generation_rounds,
+                                      allow_partial=hp.dynamic_sampling_allow_partial)
+        if common == 0:
+            self.dynamic_sampling_skipped_steps += 1
+            rank_zero_warn(f"dynamic sampling: a rank kept no group with unequal rewards after "
+                           f"max_extra_generation_rounds={hp.max_extra_generation_rounds}; step skipped on every "
+                           f"rank ({self.dynamic_sampling_skipped_steps} so far)")
+        metrics = {"dropped_groups": float(counts[:, 1].sum()),
+                   "extra_rounds": float(counts[:, 3].max()),  # the slowest rank's: what the step waited for
+                   "zero_variance_fraction": float(counts[:, 1].sum() / counts[:, 2].sum().clamp(min=1)),
+                   "trained_groups": float(common * counts.shape[0]),
+                   "skipped_steps": float(self.dynamic_sampling_skipped_steps)}
+        return generated, DynamicSamplingOutcome(first_kept(torch.cat(keeps), common), counts[:, 2].tolist(), metrics)
+
+    def _refill_batch(self, count: int, *, attempt: int, exclude: list[int]) -> dict[str, Any]:
+        """`count` more prompts from the sampler's round in progress, collated like the loader's batches."""
+        dm = self.trainer.datamodule
+        sampler = dm.sampler
+        # The position in the round seeds the draw (with seed, rank and round, inside extra_indices): unlike
+        # global_step it moves on after a skipped update, and it is restored exactly by a mid-round resume.
+        indices = sampler.extra_indices(count, step=sampler.consumed_batches, attempt=attempt, exclude=exclude)
+        items = [{**dm.train_set[i], "position": i} for i in indices]
+        return move_data_to_device(dm.collate(items), self.device)
+
+    def _per_prompt_signal(self, measured: torch.Tensor, kept: torch.Tensor, num_groups: int) -> torch.Tensor:
+        """Angle signal of every generated group: measured for the trained (`kept`) ones, a mean for the rest.
+
+        The signal rides on the training forward, which dropped groups never get; an extra forward just to
+        measure them would cost much of what the filter saves. They get the mean over all ranks' trained
+        groups instead, so the report's mean signal (what GAIN-RL's update reads) is the measured one.
+        """
+        stats = torch.stack([measured.sum(), torch.tensor(float(measured.numel()), device=measured.device)])
+        if self.trainer.world_size > 1:
+            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        if stats[1] > 0:  # a step skipped on every rank measured nothing: it carries the last measured mean
+            self._last_angle_signal = float(stats[0] / stats[1])
+        signal = torch.full((num_groups,), self._last_angle_signal, device=measured.device)
+        signal[kept.to(measured.device)] = measured
+        return signal
+
     # ----------------------------------------------------------------- pieces of the step
     def _generate(self, batch, *, num_generations: int, temperature: float, max_new_tokens: int,
                   do_sample: bool) -> Rollout:
@@ -325,7 +443,7 @@ class GRPOModule(pl.LightningModule):
                 f"`data.prompts_per_step`.") from err
 
     def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
-        rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask)]
+        rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask, strict=True)]
         return self.tokenizer.batch_decode(rows, skip_special_tokens=True)
 
     def _rewards(self, batch, completions: list[str], group: int, rollout: Rollout | None = None):
@@ -333,7 +451,7 @@ class GRPOModule(pl.LightningModule):
         columns = {k: [v for v in values for _ in range(group)] for k, values in batch["columns"].items()}
         if rollout is not None:  # TRL passes the completion token ids too (length rewards count tokens)
             columns["completion_ids"] = [ids[m.bool()].tolist() for ids, m in
-                                         zip(rollout.completion_ids, rollout.completion_mask)]
+                                         zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
         out = self.reward_computer(prompts, completions, **columns)
         return out.to(self.device)
 
@@ -358,23 +476,35 @@ class GRPOModule(pl.LightningModule):
             count = self.trainer.strategy.reduce(count, reduce_op="sum")
         return max(float(count), 1.0)
 
-    def _report_rollout(self, batch, rollout, rewards, completions, step_metrics, *, gen_tokens, train_tokens,
-                        train_seconds) -> None:
-        """Log global metrics and leave a per-prompt report (accuracy, angle signal) for the scheduler."""
+    def _report_rollout(self, generated: GroupBatch, dynamic: DynamicSamplingOutcome | None, step_metrics, *,
+                        gen_tokens, train_tokens, train_seconds) -> None:
+        """Log global metrics and leave a per-prompt report (accuracy, angle signal) for the scheduler.
+
+        Rewards, lengths and the report cover every generated group, dropped ones included (their accuracy is
+        real information for the schedule); the `train/` metrics and the measured angle signal come from the
+        trained groups.
+        """
         G = self.hparams.num_generations
+        batch, rollout, rewards, completions = (generated.batch, generated.rollout, generated.rewards,
+                                                generated.completions)
         correct = self._accuracy_values(rewards).view(-1, G)
         per_prompt_accuracy = correct.float().mean(dim=1)
         per_prompt_signal = self.angle_probe.pop_signal().to(self.device).view(-1, G).mean(dim=1)
+        groups = rows = None  # with dynamic sampling the ranks generated different numbers of groups
+        if dynamic is not None:
+            per_prompt_signal = self._per_prompt_signal(per_prompt_signal, dynamic.kept, generated.num_groups)
+            groups = dynamic.groups_per_rank
+            rows = [n * G for n in groups]
         local = {"index": batch["index"].to(self.device), "accuracy": per_prompt_accuracy,
                  "signal": per_prompt_signal}
-        report = {k: self._gather_flat(v) for k, v in local.items()}
+        report = {k: self._gather_flat(v, groups) for k, v in local.items()}
         self.last_rollout_report = report
 
-        totals = self._gather_flat(rewards.total)
-        per_fn = self._gather_flat(rewards.per_function)
-        lengths = self._gather_flat(rollout.completion_mask.sum(dim=1).float())
-        truncated = self._gather_flat(rollout.truncated.float())
-        zero_std = self._gather_flat((rewards.total.view(-1, G).std(dim=1) < 1e-6).float())
+        totals = self._gather_flat(rewards.total, rows)
+        per_fn = self._gather_flat(rewards.per_function, rows)
+        lengths = self._gather_flat(rollout.completion_mask.sum(dim=1).float(), rows)
+        truncated = self._gather_flat(rollout.truncated.float(), rows)
+        zero_std = self._gather_flat((rewards.total.view(-1, G).std(dim=1) < 1e-6).float(), groups)
         log = {"reward/total": totals.mean(), "reward/total_std": totals.std(),
                "reward/accuracy": report["accuracy"].mean(), "reward/zero_std_groups": zero_std.mean(),
                "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
@@ -388,6 +518,8 @@ class GRPOModule(pl.LightningModule):
             log[f"reward/{name}/std"] = per_fn[..., j].std() if per_fn.dim() > 1 else per_fn.std()
         for key, count in rewards.errors.items():
             log[f"reward/{key}/errors"] = float(count)
+        if dynamic is not None:
+            log.update({f"dynamic_sampling/{key}": value for key, value in dynamic.metrics.items()})
         for key, values in step_metrics.items():
             log[f"train/{key}"] = sum(values) / len(values)
         if torch.cuda.is_available() and self.device.type == "cuda":
@@ -411,11 +543,20 @@ class GRPOModule(pl.LightningModule):
             values = rewards.total
         return torch.nan_to_num(values, nan=0.0) > 0.5
 
-    def _gather_flat(self, tensor: torch.Tensor) -> torch.Tensor:
+    def _gather_flat(self, tensor: torch.Tensor, rows_per_rank: list[int] | None = None) -> torch.Tensor:
+        """All ranks' rows of `tensor`, rank by rank.
+
+        `rows_per_rank` gives each rank's row count when they differ: all_gather needs one shape, so the rows
+        are padded to the longest, gathered, and the padding cut off again.
+        """
         if self.trainer.world_size == 1:
             return tensor.detach()
-        gathered = self.all_gather(tensor.detach())
-        return gathered.reshape(-1, *tensor.shape[1:])
+        if rows_per_rank is None:
+            return self.all_gather(tensor.detach()).reshape(-1, *tensor.shape[1:])
+        padded = tensor.detach().new_zeros((max(rows_per_rank), *tensor.shape[1:]))
+        padded[: tensor.shape[0]] = tensor.detach()
+        gathered = self.all_gather(padded)
+        return torch.cat([gathered[r, :n] for r, n in enumerate(rows_per_rank)])
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -473,11 +614,13 @@ class GRPOModule(pl.LightningModule):
             for key in [k for k in state if k.startswith("ref_model.")]:
                 del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
+        checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
         # saved at a batch end, this is the state the next rollout starts sampling from
         checkpoint["gainrl_rng_states"] = collect_rng_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
+        self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
 
     def save_hf(self, directory: str) -> None:
