@@ -1,0 +1,228 @@
+"""The miniature GAIN-RL study: run arms x seeds one after another, then aggregate and plot.
+
+    .venv/bin/python experiments/study.py run --runs gainrl:0 uniform:0 length:0   # sequential, skips done runs
+    .venv/bin/python experiments/study.py report                                 # table, JSON/CSV, PNG plots
+
+Runs are strictly sequential (one training at a time: the machine has 2 shared cores). `report` reads every
+`experiments/results/<arm>_seed<k>.json` written by run_ab.py, so it can be rerun at any time on whatever
+has finished.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import subprocess
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "experiments" / "results"
+ORDER = ["gainrl", "uniform", "length", "accuracy_curriculum", "gainrl_half", "adarft", "uniform_filter"]
+
+
+def run(specs: list[str], scale: str) -> None:
+    for spec in specs:
+        arm, seed = spec.split(":")
+        suffix = "" if scale == "cpu" else "_gpu"
+        if (RESULTS / f"{arm}_seed{seed}{suffix}.json").exists():
+            print(f"[study] {arm} seed {seed}: done already, skipped", flush=True)
+            continue
+        log = ROOT / "runs" / "study" / f"{arm}_seed{seed}{suffix}.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        cmd = [sys.executable, str(ROOT / "experiments/run_ab.py"), "--arm", arm, "--seed", seed, "--scale", scale]
+        print("[study] " + " ".join(cmd), flush=True)
+        with log.open("w") as fh:
+            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+        print(f"[study] {arm} seed {seed}: exit {rc}", flush=True)
+
+
+def spearman(x, y) -> float:
+    """Spearman's rho with average ranks for ties (scipy's, but NaN-safe for constant inputs)."""
+    from scipy.stats import spearmanr
+
+    if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
+        return float("nan")
+    return float(spearmanr(x, y).statistic)
+
+
+def load() -> dict[str, list[dict]]:
+    by_arm: dict[str, list[dict]] = defaultdict(list)
+    for path in sorted(RESULTS.glob("*_seed*.json")):
+        if path.stem.endswith("_gpu"):
+            continue
+        r = json.loads(path.read_text())
+        by_arm[r["arm"]].append(r)
+    return by_arm
+
+
+def val_curve(r: dict) -> tuple[np.ndarray, np.ndarray]:
+    # Validation at step 0 can be logged twice (sanity pass, then a round boundary): keep the last per step.
+    # The CSV logger's values are the reference (every run has them); the recorder's are a cross-check.
+    points = {v["step"]: v["accuracy"] for v in (r.get("val_from_csv") or r["val"])}
+    steps = np.array(sorted(points))
+    return steps, np.array([points[s] for s in steps])
+
+
+def steps_to_reach(r: dict, target: float) -> float | None:
+    steps, acc = val_curve(r)
+    hit = [s for s, a in zip(steps, acc, strict=True) if a >= target - 1e-9]
+    return float(hit[0]) if hit else None
+
+
+def report() -> None:
+    by_arm = load()
+    arms = [a for a in ORDER if a in by_arm] + sorted(set(by_arm) - set(ORDER))
+    if not arms:
+        sys.exit("no results yet in experiments/results/")
+    # angle scores by question, from any full-data angle run (deterministic: same model, data, prompt)
+    angle_by_q = {}
+    for r in by_arm.get("gainrl", []):
+        angle_by_q.update({p["question"]: p["angle_score"] for p in r["prompts"] if p["angle_score"] is not None})
+    uniform_final = (float(np.mean([val_curve(r)[1][-1] for r in by_arm["uniform"]]))
+                     if "uniform" in by_arm else None)
+
+    rows, detail = [], {}
+    for arm in arms:
+        rs = by_arm[arm]
+        finals = [val_curve(r)[1][-1] for r in rs]
+        base = [val_curve(r)[1][0] for r in rs]
+        reach = [steps_to_reach(r, uniform_final) for r in rs] if uniform_final is not None else []
+        # first-solved step vs angle rank, over prompts drawn at least once; never solved = censored at max+1
+        rhos, rhos_len, rhos_level, solved_frac = [], [], [], []
+        for r in rs:
+            drawn = [p for p in r["prompts"] if p["times_drawn"] > 0 and p["question"] in angle_by_q]
+            if not drawn:
+                continue
+            cens = r["max_steps"] + 1
+            fs = [p["first_solved_step"] if p["first_solved_step"] is not None else cens for p in drawn]
+            # angle rank: 0 = highest concentration (the paper's "learn first"); rank among all scored prompts
+            order = sorted(angle_by_q, key=lambda q: -angle_by_q[q])
+            rank_of = {q: i for i, q in enumerate(order)}
+            rhos.append(spearman([rank_of[p["question"]] for p in drawn], fs))
+            rhos_len.append(spearman([p["question_tokens"] for p in drawn], fs))
+            rhos_level.append(spearman([float(p["level"]) for p in drawn], fs))
+            solved_frac.append(sum(p["first_solved_step"] is not None for p in drawn) / len(drawn))
+        mu = [[h.get("mu") for h in r["schedule_history"]] for r in rs]
+        row = {
+            "arm": arm, "seeds": len(rs), "baseline_acc": float(np.mean(base)),
+            "final_acc_mean": float(np.mean(finals)), "final_acc_sd": float(np.std(finals, ddof=1)) if len(rs) > 1 else 0.0,
+            "final_acc_min": float(np.min(finals)), "final_acc_max": float(np.max(finals)),
+            "steps_to_uniform_final": (None if not reach else
+                                       "/".join("never" if s is None else str(int(s)) for s in reach)),
+            "rho_angle_rank_first_solved": float(np.nanmean(rhos)) if rhos else float("nan"),
+            "rho_qlen_first_solved": float(np.nanmean(rhos_len)) if rhos_len else float("nan"),
+            "rho_level_first_solved": float(np.nanmean(rhos_level)) if rhos_level else float("nan"),
+            "drawn_solved_fraction": float(np.mean(solved_frac)) if solved_frac else float("nan"),
+            "mean_train_reward": float(np.mean([np.mean([t["reward"] for t in r["train"]]) for r in rs])),
+            "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+        }
+        rows.append(row)
+        detail[arm] = {"curves": {r["seed"]: dict(zip(*(x.tolist() for x in val_curve(r)), strict=True)) for r in rs},
+                       "mu": mu, "finals": finals,
+                       "schedule_history": [[{k: v for k, v in h.items() if k != "drawn_ranks"}
+                                             for h in r["schedule_history"]] for r in rs],
+                       "ranking_summary": rs[0].get("ranking_summary")}
+
+    # the angle score's relation to simple difficulty proxies on this training set
+    proxies = {}
+    for r in by_arm.get("gainrl", [])[:1]:
+        ps = [p for p in r["prompts"] if p["angle_score"] is not None]
+        s = [p["angle_score"] for p in ps]
+        proxies = {"spearman_angle_score_question_tokens": spearman(s, [p["question_tokens"] for p in ps]),
+                   "spearman_angle_score_level": spearman(s, [float(p["level"]) for p in ps]),
+                   "spearman_question_tokens_level": spearman([p["question_tokens"] for p in ps],
+                                                              [float(p["level"]) for p in ps])}
+    n_val = next(iter(by_arm.values()))[0]["num_val_prompts"]
+    summary = {"uniform_final_mean": uniform_final, "num_val_prompts": n_val, "one_prompt_is": 1.0 / n_val,
+               "angle_score_proxies": proxies, "arms": rows, "detail": detail}
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    with (RESULTS / "summary.csv").open("w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    plot(by_arm, arms)
+    print(markdown(rows, summary))
+
+
+def markdown(rows: list[dict], summary: dict) -> str:
+    head = ("| arm | seeds | val acc step 0 | final val acc (mean, sd, min-max) | steps to uniform's final | "
+            "Spearman(angle rank, first solved) | same, question length | same, level | train reward | s/run |")
+    lines = [head, "|" + " --- |" * 10]
+    for r in rows:
+        lines.append(
+            f"| {r['arm']} | {r['seeds']} | {r['baseline_acc']:.3f} | {r['final_acc_mean']:.3f}, "
+            f"{r['final_acc_sd']:.3f}, {r['final_acc_min']:.3f}-{r['final_acc_max']:.3f} | "
+            f"{r['steps_to_uniform_final']} | {r['rho_angle_rank_first_solved']:+.2f} | "
+            f"{r['rho_qlen_first_solved']:+.2f} | {r['rho_level_first_solved']:+.2f} | "
+            f"{r['mean_train_reward']:.3f} | {r['wall_s_mean']:.0f} |")
+    lines.append("")
+    lines.append(f"uniform final (mean) = {summary['uniform_final_mean']}; val prompts = {summary['num_val_prompts']} "
+                 f"(one prompt = {summary['one_prompt_is']:.3f} accuracy); proxies: {summary['angle_score_proxies']}")
+    return "\n".join(lines)
+
+
+def plot(by_arm: dict[str, list[dict]], arms: list[str]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for arm in arms:
+        curves = [val_curve(r) for r in by_arm[arm]]
+        steps = curves[0][0]
+        if any(len(c[0]) != len(steps) or (c[0] != steps).any() for c in curves):
+            curves = [c for c in curves if len(c[0]) == len(steps) and (c[0] == steps).all()]
+        acc = np.stack([c[1] for c in curves])
+        line, = ax.plot(steps, acc.mean(0), marker="o", label=f"{arm} (n={len(acc)})")
+        if len(acc) > 1:  # band = min..max over seeds
+            ax.fill_between(steps, acc.min(0), acc.max(0), alpha=0.15, color=line.get_color())
+    ax.set_xlabel("optimizer step (4 prompts x G=4 each)")
+    ax.set_ylabel("val accuracy (greedy, 24 prompts)")
+    ax.set_title("Miniature GAIN-RL study: SmolLM2-135M, arithmetic, CPU")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(RESULTS / "val_accuracy.png", dpi=110)
+    plt.close(fig)
+
+    runs = [r for a in ("gainrl", "gainrl_half") for r in by_arm.get(a, [])]
+    if runs:
+        fig, ax = plt.subplots(figsize=(7, 4))
+        for r in runs:
+            h = r["schedule_history"]
+            ax.plot([e["step"] for e in h], [e.get("mu") for e in h], marker="o",
+                    label=f"{r['arm']} s{r['seed']} mu (N={r['num_train_prompts']})")
+            ax.plot([e["step"] for e in h], [e.get("drawn_rank_mean") for e in h], ls=":",
+                    label=f"{r['arm']} s{r['seed']} mean drawn rank")
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("rank position")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(RESULTS / "gainrl_mu.png", dpi=110)
+        plt.close(fig)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    p = sub.add_parser("run", help="run arm:seed specs one after another")
+    p.add_argument("--runs", nargs="+", required=True, help="e.g. gainrl:0 uniform:0")
+    p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
+    sub.add_parser("report", help="aggregate experiments/results/*.json into a table and plots")
+    args = ap.parse_args()
+    if args.cmd == "run":
+        run(args.runs, args.scale)
+    else:
+        report()
+
+
+if __name__ == "__main__":
+    main()
