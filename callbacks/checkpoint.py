@@ -63,3 +63,14 @@ class GainRLCheckpoint(ModelCheckpoint):
         # Lightning raises SIGTERMException right after this hook; save first so the run can resume.
         if trainer.received_sigterm and self.dirpath is not None:
             self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        # ModelCheckpoint saves only on its schedule: make sure the final weights are kept too
+        if self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+        if trainer.is_global_zero and self.dirpath is not None:
+            last = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            print(f"[gainrl] checkpoint: {last}")
+            if self.save_hf:
+                print(f"[gainrl] Hugging Face model/adapter: {hf_dir_for(last)}")
+

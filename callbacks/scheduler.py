@@ -154,6 +154,7 @@ class GainRLScheduler(pl.Callback):
             path = plot_schedule(self.history, out / "gainrl_schedule.png",
                                  num_prompts=len(trainer.datamodule.train_set))
             print(f"[gainrl] schedule plot: {path}")
+        print(f"[gainrl] logs (metrics.csv, completions.jsonl): {out}")
 
     # ----------------------------------------------------------------- resume
     def state_dict(self) -> dict[str, Any]:

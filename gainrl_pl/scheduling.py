@@ -44,7 +44,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
                          w_inter=w_inter, intra_diagonal=intra_diagonal, show_progress=rank == 0)
     mine = list(range(rank, len(items), world))
     local = scorer.score([segments[i] for i in mine])
-    pairs = [(pos, s) for pos, s in zip(mine, local)]
+    pairs = list(zip(mine, local, strict=True))
     merged = sorted((p for part in _gather_objects(pairs) for p in part), key=lambda p: p[0])
     results = [_reindex(s, pos) for pos, s in merged]
     summary = ranking_summary(results, [it["question_tokens"] for it in items])

@@ -74,9 +74,12 @@ def toy_jsonl(tmp_path):
 
 
 def test_cli_fit_two_steps_writes_checkpoint_and_adapterless_hf_model(tiny_model_dir, toy_jsonl, tmp_path):
-    cli = run_lightning_cli(cli_args(tiny_model_dir, toy_jsonl, tmp_path))
+    # checkpoints every 5 steps, 2 steps run: the final weights are still saved when training ends
+    cli = run_lightning_cli(cli_args(tiny_model_dir, toy_jsonl, tmp_path, extra=["--checkpoint.every_n_train_steps", "5"]))
     assert cli.trainer.global_step == 2
-    assert (tmp_path / "ckpt" / "last.ckpt").exists()
+    import torch
+
+    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
     hf_dirs = list((tmp_path / "ckpt").glob("*.hf"))
     assert hf_dirs and all((d / "config.json").exists() for d in hf_dirs)  # full fine-tune: whole model saved
 
@@ -108,8 +111,9 @@ def _scheduler(cli):
 def test_csv_with_missing_field_names_the_row(tiny_model_dir, tmp_path):
     path = tmp_path / "bad.csv"
     path.write_text("question,answer\nWhat is 1 + 1?,2\nWhat is 2 + 2?,\n")
-    from gainrl_pl.data import DataError
     from gainrl_pl.datamodules import GainRLDataModule
+
+    from gainrl_pl.data import DataError
 
     dm = GainRLDataModule(train_data=str(path), preset="generic", prompt="none", tokenizer=str(tiny_model_dir))
     with pytest.raises(DataError, match=r"row 1.*answer"):

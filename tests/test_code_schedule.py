@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import lightning.pytorch as pl
-
 from gainrl_pl.callbacks import GainRLScheduler
-from gainrl_pl.code_reward import CodeExecutionReward
 from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+
+from gainrl_pl.code_reward import CodeExecutionReward
 from gainrl_pl.module import GRPOModule
 
 

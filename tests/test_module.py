@@ -7,9 +7,9 @@ import json
 import lightning.pytorch as pl
 import pytest
 import torch
-
 from gainrl_pl.callbacks import GainRLScheduler
 from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings
 from gainrl_pl.module import GRPOModule
 

@@ -47,7 +47,7 @@ def test_interrupted_and_resumed_run_continues_exactly(tiny_model_dir, resume_da
     both = run(tiny_model_dir, resume_data, tmp_path, "--steps", "6", "--resume")
     resumed = both[len(first):]
     assert [r["step"] for r in resumed] == [4, 5, 6]
-    for a, b in zip(straight[3:], resumed):
+    for a, b in zip(straight[3:], resumed, strict=True):
         assert a["indices"] == b["indices"], "the resumed run drew other prompts"
         assert a["mu"] == pytest.approx(b["mu"], abs=1e-9)
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-9), "the resumed run diverged"
