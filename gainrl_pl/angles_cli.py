@@ -76,8 +76,9 @@ def main(argv: list[str] | None = None) -> None:
                                  "inter": float(s.inter), "rank": rank_of[pos],
                                  "num_tokens": len(item["input_ids"])}) + "\n")
     os.replace(tmp, out)
-    report = {"rows": summary["rows"], "scored": len(items), "skipped": summary["rows"] - len(items),
-              "too_long": summary["too_long"], "seconds": round(seconds, 2),
+    skipped = summary.get("bad_rows", 0) + summary["too_long"]
+    report = {"rows": summary["rows"], "scored": len(items), "skipped": skipped, "too_long": summary["too_long"],
+              "beyond_limit": summary["rows"] - len(items) - skipped, "seconds": round(seconds, 2),
               "prompts_per_s": round(len(items) / max(seconds, 1e-9), 2),
               **ranking}
     print(json.dumps(report, indent=1))
