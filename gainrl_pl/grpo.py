@@ -125,11 +125,14 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, chunk_size: int) -> Tensor:
+    def forward(ctx, logits: Tensor, token_ids: Tensor, temperature: float, chunk_size: int,
+                with_entropy: bool) -> tuple[Tensor, Tensor]:
         batch, length, _ = logits.shape
         dtype = _compute_dtype(logits)
         out = torch.empty(batch, length, dtype=dtype, device=logits.device)
         lse = torch.empty_like(out)
+        # the entropy metric reuses each chunk while it is in cache, instead of a second pass over the logits
+        entropy = torch.empty_like(out) if with_entropy else out.new_empty(0)
         for b0, b1, t0, t1 in _row_blocks(batch, length, chunk_size):
             x = logits[b0:b1, t0:t1].to(dtype)  # float32 for bf16/fp16 logits, one chunk only
             if temperature != 1.0:
@@ -138,14 +141,17 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
             picked = x.gather(-1, token_ids[b0:b1, t0:t1].unsqueeze(-1)).squeeze(-1)
             out[b0:b1, t0:t1] = picked - chunk_lse
             lse[b0:b1, t0:t1] = chunk_lse
+            if with_entropy:
+                entropy[b0:b1, t0:t1] = _entropy_from_chunk(x, chunk_lse.unsqueeze(-1))
         ctx.save_for_backward(logits, token_ids, lse)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
-        return out
+        ctx.mark_non_differentiable(entropy)
+        return out, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor):
+    def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor | None = None):
         logits, token_ids, lse = ctx.saved_tensors
         temperature = ctx.temperature
         grad = torch.empty_like(logits)
@@ -161,7 +167,14 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
             if temperature != 1.0:
                 chunk.div_(temperature)
             grad[b0:b1, t0:t1] = chunk.to(grad.dtype)
-        return grad, None, None, None
+        return grad, None, None, None, None
+
+
+def _entropy_from_chunk(x: Tensor, lse: Tensor) -> Tensor:
+    """H = logsumexp(x) - sum_v softmax(x)_v x_v over the last dim, for one float32 chunk."""
+    p = torch.exp(x - lse)
+    # where p == 0 (a -inf logit, e.g. a masked token) the term is 0, not 0 * -inf = NaN
+    return lse.squeeze(-1) - torch.where(p > 0, p * x, 0.0).sum(-1)
 
 
 def selective_log_softmax(
@@ -184,6 +197,11 @@ def selective_log_softmax(
         Float32 log-probabilities (float64 for float64 logits) shaped `token_ids.shape`, differentiable
         w.r.t. `logits` (first order).
     """
+    return _selective_log_softmax(logits, token_ids, chunk_size, temperature, with_entropy=False)[0]
+
+
+def _selective_log_softmax(logits: Tensor, token_ids: Tensor, chunk_size: int | None, temperature: float,
+                           with_entropy: bool) -> tuple[Tensor, Tensor | None]:
     if temperature <= 0:
         raise ValueError(f"temperature={temperature} must be > 0")
     if tuple(token_ids.shape) != tuple(logits.shape[:-1]):
@@ -193,8 +211,9 @@ def selective_log_softmax(
         )
     x, lead = _as_3d(logits)
     ids = token_ids.reshape(x.shape[0], x.shape[1]).long()
-    out = _ChunkedSelectiveLogSoftmax.apply(x, ids, float(temperature), _auto_chunk(x.shape[-1], chunk_size))
-    return out.reshape(lead)
+    out, entropy = _ChunkedSelectiveLogSoftmax.apply(x, ids, float(temperature),
+                                                     _auto_chunk(x.shape[-1], chunk_size), with_entropy)
+    return out.reshape(lead), entropy.reshape(lead) if with_entropy else None
 
 
 def token_logprobs(
@@ -216,6 +235,18 @@ def token_logprobs(
         `(B, T)` float32 log-probs; padded positions hold finite but meaningless values (mask them).
     """
     return selective_log_softmax(logits, token_ids, chunk_size=chunk_size, temperature=temperature)
+
+
+def token_logprobs_and_entropy(
+    logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int | None = None
+) -> tuple[Tensor, Tensor]:
+    """`token_logprobs` plus the detached per-position entropy (`token_entropy`) from the same pass.
+
+    The training step logs entropy; computing it while each float32 chunk of logits is already built
+    costs one extra exp per chunk instead of a second pass over the whole logits tensor.
+    """
+    logp, entropy = _selective_log_softmax(logits, token_ids, chunk_size, temperature, with_entropy=True)
+    return logp, entropy
 
 
 @torch.no_grad()
@@ -243,10 +274,7 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
         x = x3[b0:b1, t0:t1].to(dtype)
         if temperature != 1.0:
             x = x / temperature
-        lse = torch.logsumexp(x, dim=-1, keepdim=True)
-        p = torch.exp(x - lse)
-        # where p == 0 (a -inf logit, e.g. a masked token) the term is 0, not 0 * -inf = NaN
-        out[b0:b1, t0:t1] = lse.squeeze(-1) - torch.where(p > 0, p * x, 0.0).sum(-1)
+        out[b0:b1, t0:t1] = _entropy_from_chunk(x, torch.logsumexp(x, dim=-1, keepdim=True))
     return out.reshape(lead)
 
 

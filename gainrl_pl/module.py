@@ -26,7 +26,7 @@ from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
 from gainrl_pl.group_filter import GroupFilter
-from gainrl_pl.grpo import compute_advantages, policy_loss, token_entropy, token_logprobs
+from gainrl_pl.grpo import compute_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
 from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
@@ -59,6 +59,9 @@ class GRPOModule(pl.LightningModule):
         min_p: Min-p sampling (`null` = off).
         repetition_penalty: >1 penalises repeated tokens while sampling.
         generation_batch_size: Sequences per `generate` call (bounds rollout memory); `null` = all at once.
+        share_prompt_prefill: Prefill each prompt once and share its KV cache among its G completions instead of
+            G times (same completions; saves (G-1) prompt forwards per prompt). Applies when
+            `generation_batch_size` is a multiple of G (or `null`).
         mask_truncated_completions: Exclude completions that hit `max_completion_length` without EOS from the loss.
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose G rewards are all equal (zero advantage, no
             signal) and generate for more prompts from the sampler's round until the batch is full again.
@@ -88,6 +91,8 @@ class GRPOModule(pl.LightningModule):
         learning_rate: AdamW learning rate.
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
+        fused_optimizer: Use torch's fused AdamW kernel (as TRL does); falls back to the default implementation,
+            with a warning, where torch has no fused kernel for the parameters' device or dtype.
         lr_schedule: `constant`, `linear` (decay to 0) or `cosine`, after `warmup_steps` of linear warm-up.
         warmup_steps: Optimizer steps of linear learning-rate warm-up.
         max_grad_norm: Clip the global gradient norm to this (0 = no clipping).
@@ -117,6 +122,7 @@ class GRPOModule(pl.LightningModule):
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
         generation_batch_size: int | None = None,
+        share_prompt_prefill: bool = True,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
         max_extra_generation_rounds: int = 3,
@@ -137,6 +143,7 @@ class GRPOModule(pl.LightningModule):
         learning_rate: float = 1e-6,
         weight_decay: float = 0.0,
         adam_betas: tuple[float, float] = (0.9, 0.999),
+        fused_optimizer: bool = True,
         lr_schedule: str = "constant",
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
@@ -210,7 +217,8 @@ class GRPOModule(pl.LightningModule):
         if not params:
             raise ValueError("no trainable parameters: check `lora.target_modules` or disable quantization")
         hp = self.hparams
-        opt = torch.optim.AdamW(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas))
+        opt = _adamw(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
+                     fused=hp.get("fused_optimizer", True))
         total = self._total_optimizer_steps()
 
         def factor(step: int) -> float:
@@ -317,7 +325,12 @@ class GRPOModule(pl.LightningModule):
                         logits = self.policy(input_ids=input_ids[idx], attention_mask=attention[idx],
                                              use_cache=False, logits_to_keep=rollout.completion_ids.shape[1] + 1).logits
                     logits = logits[:, :-1]
-                    logp = token_logprobs(logits, rollout.completion_ids[idx], temperature=hp.temperature)
+                    log_entropy = k == 0 and iteration == 0
+                    if log_entropy:  # the metric comes from the same chunked pass over the logits
+                        logp, entropy = token_logprobs_and_entropy(logits, rollout.completion_ids[idx],
+                                                                   temperature=hp.temperature)
+                    else:
+                        logp = token_logprobs(logits, rollout.completion_ids[idx], temperature=hp.temperature)
                     loss, metrics = policy_loss(
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
@@ -329,10 +342,8 @@ class GRPOModule(pl.LightningModule):
                     self.manual_backward(loss)
                     train_tokens += int(attention[idx].sum())
                     metrics["loss"] = loss.detach() * (1 if hp.loss_type == "dapo" else len(micro))
-                    if k == 0 and iteration == 0:
-                        with torch.no_grad():
-                            metrics["entropy"] = _masked_mean(token_entropy(logits.detach(), temperature=hp.temperature),
-                                                              loss_mask[idx])
+                    if log_entropy:
+                        metrics["entropy"] = _masked_mean(entropy, loss_mask[idx])
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 self._optimizer_step(opt, sched, step_metrics)
@@ -434,7 +445,8 @@ class GRPOModule(pl.LightningModule):
                 self.policy, batch["input_ids"], batch["attention_mask"], num_generations=num_generations,
                 max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                 do_sample=do_sample, temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
-                repetition_penalty=hp.repetition_penalty, generation_batch_size=hp.generation_batch_size)
+                repetition_penalty=hp.repetition_penalty, generation_batch_size=hp.generation_batch_size,
+                share_prompt_prefill=hp.get("share_prompt_prefill", True))
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"out of memory while generating {batch['input_ids'].shape[0]} prompts x {num_generations} "
@@ -652,6 +664,16 @@ def _split_by_size(indices: list[int], size: int | None) -> list[list[int]]:
     if not size:
         return [indices]
     return [indices[i:i + size] for i in range(0, len(indices), size)]
+
+
+def _adamw(params: list[torch.nn.Parameter], *, fused: bool, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused where torch has the kernel (one launch for all tensors: measurably faster on CPU too)."""
+    if fused:
+        try:
+            return torch.optim.AdamW(params, fused=True, **kwargs)
+        except (RuntimeError, ValueError) as err:  # e.g. a device or dtype without a fused kernel
+            rank_zero_warn(f"fused AdamW unavailable ({err}); using the default implementation")
+    return torch.optim.AdamW(params, **kwargs)
 
 
 def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import time
 from dataclasses import dataclass
 
@@ -49,16 +50,49 @@ def eos_token_ids(model, tokenizer) -> list[int]:
     return sorted(ids)
 
 
+def _forward_parameters(model) -> set[str]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
+    return set(inspect.signature(base.forward).parameters)
+
+
+@torch.no_grad()
+def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, num_generations: int):
+    """The KV cache of each distinct prompt's first P-1 tokens, computed once and repeated G times.
+
+    `generate` on the G-times-repeated prompts would prefill every prompt G times, the largest avoidable
+    cost of a rollout (G x the prompt's forward). The last prompt token is left out so that `generate`
+    still runs one forward of its own and samples the first completion token from it. Position ids are
+    the ones `generate` derives from the attention mask, so the cache equals the one it would build.
+    Returns `(cache_kwarg_name, cache)`, or None where the model has no repeatable cache.
+    """
+    params = _forward_parameters(model)
+    name = "cache" if "cache" in params else "past_key_values" if "past_key_values" in params else None
+    if name is None or prompt_ids.shape[1] < 2:
+        return None
+    mask = prompt_mask[:, :-1]
+    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
+    kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # skip the full-vocabulary head
+    out = model(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=position_ids, use_cache=True,
+                **kwargs)
+    cache = out.get(name)
+    if cache is None or not hasattr(cache, "batch_repeat_interleave"):
+        return None
+    cache.batch_repeat_interleave(num_generations)
+    return name, cache
+
+
 @torch.no_grad()
 def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
                          max_new_tokens: int, pad_token_id: int, eos_ids: list[int], do_sample: bool = True,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
                          min_p: float | None = None, repetition_penalty: float = 1.0,
-                         generation_batch_size: int | None = None) -> Rollout:
+                         generation_batch_size: int | None = None, share_prompt_prefill: bool = True) -> Rollout:
     """Sample `num_generations` completions per prompt, `generation_batch_size` sequences per `generate` call.
 
     The model is switched to eval mode (no dropout while sampling) and back; `use_cache=True` is passed
-    explicitly because training configs turn the KV cache off.
+    explicitly because training configs turn the KV cache off. With `share_prompt_prefill` each prompt is
+    prefilled once for its G completions (`shared_prompt_cache`) whenever a chunk holds whole groups
+    (`generation_batch_size` a multiple of G); the completions are the same as without it.
     """
     was_training = model.training
     model.eval()
@@ -76,8 +110,16 @@ def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
     start = time.perf_counter()
     pieces = []
     try:
+        share = share_prompt_prefill and num_generations > 1 and chunk % num_generations == 0
         for lo in range(0, prompts.shape[0], chunk):
-            out = model.generate(input_ids=prompts[lo:lo + chunk], attention_mask=masks[lo:lo + chunk], **kwargs)
+            extra = {}
+            if share:
+                first, last = lo // num_generations, (lo + chunk) // num_generations
+                shared = shared_prompt_cache(model, prompt_ids[first:last], prompt_mask[first:last], num_generations)
+                if shared is not None:
+                    extra[shared[0]] = shared[1]
+            out = model.generate(input_ids=prompts[lo:lo + chunk], attention_mask=masks[lo:lo + chunk], **kwargs,
+                                 **extra)
             pieces.append(out[:, prompts.shape[1]:])
     finally:
         model.train(was_training)

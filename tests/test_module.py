@@ -180,3 +180,23 @@ def test_validation_accuracy_is_logged(tiny_model_dir, toy_data, tmp_path):
                          use_distributed_sampler=False)
     metrics = trainer.validate(module, datamodule=make_datamodule(tiny_model_dir, toy_data))
     assert 0.0 <= metrics[0]["val/accuracy"] <= 1.0
+
+
+def test_fused_adamw_by_default_with_a_fallback(tiny_model_dir, monkeypatch):
+    module = make_module(tiny_model_dir)
+    opt = module.configure_optimizers()["optimizer"]
+    assert opt.param_groups[0]["fused"] is True
+    assert make_module(tiny_model_dir, fused_optimizer=False).configure_optimizers()["optimizer"] \
+        .param_groups[0]["fused"] in (None, False)
+
+    real = torch.optim.AdamW
+
+    def no_fused_kernel(params, fused=None, **kw):
+        if fused:
+            raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
+        return real(params, **kw)
+
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    with pytest.warns(UserWarning, match="fused AdamW unavailable"):
+        opt = module.configure_optimizers()["optimizer"]
+    assert isinstance(opt, real) and not opt.param_groups[0]["fused"]
