@@ -28,10 +28,10 @@ angles: install
 
 ## The whole CPU suite (fast + slow + ddp); GPU tests are skipped without CUDA.
 test: install
-	$(PY) -m pytest -q
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q
 
 test-fast: install
-	$(PY) -m pytest -q -m "not slow and not ddp"
+	OMP_WAIT_POLICY=$${OMP_WAIT_POLICY:-PASSIVE} $(PY) -m pytest -q -m "not slow and not ddp"
 
 lint: install
 	$(VENV)/bin/ruff check gainrl_pl callbacks datamodules tests benchmarks experiments

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 TOOLS = {
@@ -18,6 +19,9 @@ TOOLS = {
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `gainrl-pl` console script."""
+    # Torch's OpenMP workers spin while they wait; on a CPU shared with other processes that made 2-thread
+    # forwards up to 13x slower (BENCHMARKS.md section 1). Must be set before torch loads; a user's value wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         import importlib

@@ -166,6 +166,11 @@ def build_prompt(tokenizer, question: str, template: PromptTemplate, *,
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question={question!r} is empty or whitespace only; a prompt needs a question")
+    try:
+        question.encode("utf-8")
+    except UnicodeEncodeError as err:  # a lone surrogate: the tokenizer's own TypeError would not say where
+        raise ValueError(f"question {question[:80]!r} is not valid Unicode ({err.reason} at character {err.start}); "
+                         "fix or drop the row (files loaded by the DataModule skip such rows and count them)") from err
     question = question.strip()
     text = _render(tokenizer, template.messages(question))
     q0, q1 = _question_char_span(tokenizer, text, question, template)
