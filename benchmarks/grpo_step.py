@@ -5,7 +5,8 @@ prompt preset and handed to both as plain text, same reward (our `accuracy_rewar
 signature), same settings: G = 4, 32 new tokens, 32 completions per optimizer step, beta = 0, loss `dapo`,
 the same learning rate, temperature, grad-norm clip, constant schedule and gradient checkpointing
 (on by default for both, TRL's default). LoRA r = 16 on q, k, v, o, or a full fine-tune. Each side
-otherwise keeps its own defaults (TRL: fused AdamW; ours: torch's default AdamW).
+otherwise keeps its own defaults (both use fused AdamW by default; ours also prefills each prompt once
+for its G completions, `share_prompt_prefill`).
 
 Every (implementation, config, repeat) runs in its own subprocess, so peak RSS is its own, and the runs
 are interleaved (ours, TRL, then TRL, ours, ...) so that load from other jobs hits both. Each run does
@@ -202,7 +203,7 @@ def run_ours(args) -> dict:
     clock.wrap(module, "_rewards", "decode+rewards")
     clock.wrap(module.policy, "forward", "forward")
     clock.wrap(module_code, "token_logprobs", "logprobs")
-    clock.wrap(module_code, "token_entropy", "entropy (metric)")
+    clock.wrap(module_code, "token_logprobs_and_entropy", "logprobs")
     clock.wrap(module, "manual_backward", "backward")
     clock.wrap(module, "_optimizer_step", "optimizer")
     clock.wrap(module, "_report_rollout", "report/log")
