@@ -21,6 +21,7 @@ wrapping the phases' entry points in this process only, to show where a step goe
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import statistics
@@ -114,6 +115,7 @@ class PhaseClock:
     def wrap(self, owner, name: str, phase: str) -> None:
         inner = getattr(owner, name)
 
+        @functools.wraps(inner)  # keeps the signature visible to code that inspects it
         def timed(*args, **kwargs):
             if self._depth:
                 return inner(*args, **kwargs)

@@ -52,7 +52,8 @@ def eos_token_ids(model, tokenizer) -> list[int]:
 
 def _forward_parameters(model) -> set[str]:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # peft wraps the HF model
-    return set(inspect.signature(base.forward).parameters)
+    # the class's forward, not the instance's: profilers and hooks replace `model.forward` with (*args, **kwargs)
+    return set(inspect.signature(type(base).forward).parameters)
 
 
 @torch.no_grad()

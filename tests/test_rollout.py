@@ -101,3 +101,11 @@ def test_logprobs_and_entropy_in_one_pass_match_the_separate_functions():
         (grad,) = torch.autograd.grad((logp * weights).sum(), logits)
         (want,) = torch.autograd.grad((token_logprobs(logits, ids, temperature=0.8) * weights).sum(), logits)
         torch.testing.assert_close(grad, want)
+
+
+def test_shared_prefill_survives_a_wrapped_forward(tiny_model, tiny_tokenizer):
+    """Profilers and hooks replace `model.forward` with a (*args, **kwargs) function; sharing must still apply."""
+    ids, mask = _prompts(tiny_tokenizer)
+    inner = tiny_model.forward
+    tiny_model.forward = lambda *args, **kwargs: inner(*args, **kwargs)
+    assert shared_prompt_cache(tiny_model, ids, mask, 2) is not None
