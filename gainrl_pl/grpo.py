@@ -279,8 +279,9 @@ def token_entropy(logits: Tensor, temperature: float = 1.0, chunk_size: int | No
 
 
 # --------------------------------------------------------------------------------------------- the loss
-def _masked_mean(values: Tensor, mask: Tensor) -> Tensor:
-    """Mean of `values` where `mask`, 0 for an empty mask (never NaN)."""
+def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
+    """Mean of `values` where `mask` (bool or 0/1), 0 for an empty mask (never NaN)."""
+    mask = mask.bool()
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
@@ -401,11 +402,11 @@ def policy_loss(
         low = (ratio < 1 - epsilon) & (adv < 0) & mask
         high = (ratio > 1 + eps_high) & (adv > 0) & mask
         metrics = {
-            "clip_fraction_low": _masked_mean(low.float(), mask),
-            "clip_fraction_high": _masked_mean(high.float(), mask),
-            "clip_fraction": _masked_mean((low | high).float(), mask),
-            "ratio_mean": _masked_mean(ratio, mask),
+            "clip_fraction_low": masked_mean(low.float(), mask),
+            "clip_fraction_high": masked_mean(high.float(), mask),
+            "clip_fraction": masked_mean((low | high).float(), mask),
+            "ratio_mean": masked_mean(ratio, mask),
         }
         if kl is not None:
-            metrics["kl"] = _masked_mean(kl, mask)
+            metrics["kl"] = masked_mean(kl, mask)
     return loss, {k: v.detach() for k, v in metrics.items()}

@@ -11,6 +11,7 @@ Knob names and meanings follow TRL's GRPOTrainer where one exists.
 from __future__ import annotations
 
 import copy
+import functools
 import math
 from collections.abc import Callable
 from dataclasses import asdict
@@ -26,17 +27,17 @@ from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
 from gainrl_pl.group_filter import GroupFilter
-from gainrl_pl.grpo import compute_advantages, policy_loss, token_logprobs, token_logprobs_and_entropy
+from gainrl_pl.grpo import compute_advantages, masked_mean, policy_loss, token_logprobs, token_logprobs_and_entropy
 from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
+from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.rewards import RewardComputer
 from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 SCALE_REWARDS = ("group", "batch", "none")
-LR_SCHEDULES = ("constant", "linear", "cosine")
 
 
 class GRPOModule(pl.LightningModule):
@@ -217,18 +218,10 @@ class GRPOModule(pl.LightningModule):
         if not params:
             raise ValueError("no trainable parameters: check `lora.target_modules` or disable quantization")
         hp = self.hparams
-        opt = _adamw(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
-                     fused=hp.get("fused_optimizer", True))
-        total = self._total_optimizer_steps()
-
-        def factor(step: int) -> float:
-            if hp.warmup_steps and step < hp.warmup_steps:
-                return (step + 1) / hp.warmup_steps
-            if hp.lr_schedule == "constant" or not total:
-                return 1.0
-            progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-            return 1.0 - progress if hp.lr_schedule == "linear" else 0.5 * (1 + math.cos(math.pi * progress))
-
+        opt = build_adamw(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
+                          fused=hp.get("fused_optimizer", True))
+        factor = functools.partial(lr_multiplier, schedule=hp.lr_schedule, warmup_steps=hp.warmup_steps,
+                                   total_steps=self._total_optimizer_steps())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
                                                    "interval": "step"}}
 
@@ -343,7 +336,7 @@ class GRPOModule(pl.LightningModule):
                     train_tokens += int(attention[idx].sum())
                     metrics["loss"] = loss.detach() * (1 if hp.loss_type == "dapo" else len(micro))
                     if log_entropy:
-                        metrics["entropy"] = _masked_mean(entropy, loss_mask[idx])
+                        metrics["entropy"] = masked_mean(entropy, loss_mask[idx])
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                 self._optimizer_step(opt, sched, step_metrics)
@@ -664,21 +657,6 @@ def _split_by_size(indices: list[int], size: int | None) -> list[list[int]]:
     if not size:
         return [indices]
     return [indices[i:i + size] for i in range(0, len(indices), size)]
-
-
-def _adamw(params: list[torch.nn.Parameter], *, fused: bool, **kwargs) -> torch.optim.AdamW:
-    """AdamW, fused where torch has the kernel (one launch for all tensors: measurably faster on CPU too)."""
-    if fused:
-        try:
-            return torch.optim.AdamW(params, fused=True, **kwargs)
-        except (RuntimeError, ValueError) as err:  # e.g. a device or dtype without a fused kernel
-            rank_zero_warn(f"fused AdamW unavailable ({err}); using the default implementation")
-    return torch.optim.AdamW(params, **kwargs)
-
-
-def _masked_mean(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    mask = mask.to(values.dtype)
-    return (values * mask).sum() / mask.sum().clamp(min=1)
 
 
 def _now() -> float:

@@ -196,7 +196,7 @@ def test_fused_adamw_by_default_with_a_fallback(tiny_model_dir, monkeypatch):
             raise RuntimeError("`fused=True` requires all the params to be floating point Tensors of supported devices")
         return real(params, **kw)
 
-    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)
+    monkeypatch.setattr(torch.optim, "AdamW", no_fused_kernel)  # build_adamw looks it up at call time
     with pytest.warns(UserWarning, match="fused AdamW unavailable"):
         opt = module.configure_optimizers()["optimizer"]
     assert isinstance(opt, real) and not opt.param_groups[0]["fused"]
