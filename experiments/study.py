@@ -74,6 +74,24 @@ def steps_to_reach(r: dict, target: float) -> float | None:
     return float(hit[0]) if hit else None
 
 
+def generated_groups(r: dict) -> float:
+    """Prompt groups generated over the run: trained + dropped by the DAPO filter (from the run's CSV log).
+
+    Runs without the filter generate exactly the trained groups (max_steps x prompts per step). The
+    filter's extra generation rounds are compute the other arms do not spend, so the table shows it.
+    """
+    log = ROOT / "runs" / "study" / f"{r['arm']}_seed{r['seed']}" / "csv" / "version_0" / "metrics.csv"
+    if "dynamic_sampling" not in " ".join(r.get("cli_args", [])) or not log.exists():
+        return float(sum(len(t["indices"]) for t in r["train"]))
+    total = 0.0
+    with log.open() as fh:
+        for row in csv.DictReader(fh):
+            for key in ("dynamic_sampling/trained_groups", "dynamic_sampling/dropped_groups"):
+                if row.get(key):
+                    total += float(row[key])
+    return total
+
+
 def report() -> None:
     by_arm = load()
     arms = [a for a in ORDER if a in by_arm] + sorted(set(by_arm) - set(ORDER))
@@ -120,6 +138,7 @@ def report() -> None:
             "drawn_solved_fraction": float(np.mean(solved_frac)) if solved_frac else float("nan"),
             "mean_train_reward": float(np.mean([np.mean([t["reward"] for t in r["train"]]) for r in rs])),
             "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
+            "groups_generated_mean": float(np.mean([generated_groups(r) for r in rs])),
         }
         rows.append(row)
         detail[arm] = {"curves": {r["seed"]: dict(zip(*(x.tolist() for x in val_curve(r)), strict=True)) for r in rs},
@@ -152,15 +171,16 @@ def report() -> None:
 
 def markdown(rows: list[dict], summary: dict) -> str:
     head = ("| arm | seeds | val acc step 0 | final val acc (mean, sd, min-max) | steps to uniform's final | "
-            "Spearman(angle rank, first solved) | same, question length | same, level | train reward | s/run |")
-    lines = [head, "|" + " --- |" * 10]
+            "Spearman(angle rank, first solved) | same, question length | same, level | train reward | "
+            "groups generated | s/run |")
+    lines = [head, "|" + " --- |" * 11]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['seeds']} | {r['baseline_acc']:.3f} | {r['final_acc_mean']:.3f}, "
             f"{r['final_acc_sd']:.3f}, {r['final_acc_min']:.3f}-{r['final_acc_max']:.3f} | "
             f"{r['steps_to_uniform_final']} | {r['rho_angle_rank_first_solved']:+.2f} | "
             f"{r['rho_qlen_first_solved']:+.2f} | {r['rho_level_first_solved']:+.2f} | "
-            f"{r['mean_train_reward']:.3f} | {r['wall_s_mean']:.0f} |")
+            f"{r['mean_train_reward']:.3f} | {r['groups_generated_mean']:.0f} | {r['wall_s_mean']:.0f} |")
     lines.append("")
     lines.append(f"uniform final (mean) = {summary['uniform_final_mean']}; val prompts = {summary['num_val_prompts']} "
                  f"(one prompt = {summary['one_prompt_is']:.3f} accuracy); proxies: {summary['angle_score_proxies']}")
