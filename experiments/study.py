@@ -22,7 +22,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-ORDER = ["gainrl", "uniform", "length", "accuracy_curriculum", "gainrl_half", "adarft", "uniform_filter"]
+ORDER = ["gainrl", "uniform", "length", "accuracy_curriculum", "gainrl_half", "adarft", "uniform_filter",
+         "gainrl_layer8"]
 
 
 def run(specs: list[str], scale: str) -> None:
