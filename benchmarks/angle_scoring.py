@@ -33,6 +33,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from common import git_describe  # benchmarks/ is on sys.path when a script runs
+
 # Spinning OpenMP workers turn a 2-thread forward ~13x slower when another process holds one of the 2
 # cores (measured: 5.2 s vs 0.40 s for a 160-token forward); passive waiting removes that. It must be
 # set before torch loads its OpenMP runtime, and the memory children inherit it.
@@ -404,15 +406,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return args
 
 
-def _git_describe() -> str:
-    """The commit measured (and whether the tree had local changes), for the record in BENCHMARKS.md."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO)
-        return f"commit {out.stdout.strip()}" if out.returncode == 0 else "commit unknown"
-    except OSError:
-        return "commit unknown"
-
-
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.child:
@@ -420,7 +413,7 @@ def main(argv=None) -> None:
         return
     torch.set_num_threads(args.threads)
     s = load_setup(args)
-    print(f"# {_git_describe()}")
+    print(f"# {git_describe()}")
     print(f"# angle scoring benchmark: built-in SmolLM2-135M-Instruct, {args.dtype}, {s.device}, "
           f"{torch.get_num_threads()} torch threads, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY')}, "
           f"torch {torch.__version__}, {time.strftime('%Y-%m-%d %H:%M')}")

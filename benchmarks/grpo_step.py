@@ -31,6 +31,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from common import git_describe  # benchmarks/ is on sys.path when a script runs
+
 # Spinning OpenMP workers make 2-thread torch ops ~13x slower while another process holds a core of
 # this 2-core machine; passive waiting avoids it (see benchmarks/README.md). Must precede `import torch`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
@@ -357,15 +359,6 @@ def summarize(results: list[dict]) -> dict:
             "length": statistics.mean([x for r in results for x in r["completion_length"][1:]] or [float("nan")])}
 
 
-def _git_describe() -> str:
-    """The commit measured (and whether the tree had local changes), for the record in BENCHMARKS.md."""
-    try:
-        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO)
-        return f"commit {out.stdout.strip()}" if out.returncode == 0 else "commit unknown"
-    except OSError:
-        return "commit unknown"
-
-
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", default="lora,full", help="comma list of lora, full")
@@ -395,7 +388,7 @@ def main(argv=None) -> None:
     import importlib.metadata as md
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
-    print(f"# {_git_describe()}")
+    print(f"# {git_describe()}")
     print(f"# GRPO step benchmark, {time.strftime('%Y-%m-%d %H:%M')}: built-in SmolLM2-135M-Instruct {args.dtype}, "
           f"{args.prompts} GSM8K prompts ({args.prompt_preset} preset) x G={args.generations}, {args.max_new_tokens} "
           f"new tokens, gradient checkpointing {'on' if args.gradient_checkpointing else 'off'}, {args.threads} threads, "

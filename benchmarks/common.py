@@ -1,0 +1,17 @@
+"""What the benchmark scripts share: the record of which commit was measured."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def git_describe() -> str:
+    """The commit measured (and whether the tree had local changes), for the record in BENCHMARKS.md."""
+    try:
+        out = subprocess.run(["git", "describe", "--always", "--dirty"], capture_output=True, text=True, cwd=REPO)
+        return f"commit {out.stdout.strip()}" if out.returncode == 0 else "commit unknown"
+    except OSError:
+        return "commit unknown"
