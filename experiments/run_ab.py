@@ -160,7 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--arm", required=True, choices=sorted(ARMS))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
-    ap.add_argument("--threads", type=int, default=2, help="torch CPU threads (the shared machine has 2 cores)")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("GAINRL_STUDY_THREADS", "2")),
+                    help="torch CPU threads (the shared machine has 2 cores; two runs side by side: 1 each). "
+                    "Default: $GAINRL_STUDY_THREADS or 2")
     ap.add_argument("--out", default=None, help="result JSON (default experiments/results/<arm>_seed<k>.json)")
     args = ap.parse_args(argv)
 
@@ -207,7 +209,7 @@ def main(argv: list[str] | None = None) -> None:
                         "first_solved_step": recorder.first_solved.get(pos)})
     result = {"arm": args.arm, "seed": args.seed, "scale": args.scale, "cli_args": cli_args,
               "command": f".venv/bin/python experiments/run_ab.py --arm {args.arm} --seed {args.seed} --scale {args.scale}",
-              "wall_s": wall, "max_steps": cli.trainer.max_steps, "global_step": cli.trainer.global_step,
+              "threads": args.threads, "wall_s": wall, "max_steps": cli.trainer.max_steps, "global_step": cli.trainer.global_step,
               "num_train_prompts": len(dm.train_set), "num_val_prompts": len(dm.val_set or []),
               "val": recorder.val, "val_from_csv": val_from_csv(run_dir), "train": recorder.train, "schedule_history": sched.history,
               "ranking": dm.ranking, "ranking_summary": sched.ranking_summary, "prompts": prompts}
