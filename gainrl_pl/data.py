@@ -26,6 +26,7 @@ from gainrl_pl.data_loading import (
     resolve_data_path,
     snippet,
 )
+from gainrl_pl.prompts import invalid_unicode_position
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -166,15 +167,6 @@ def _is_blank(text: str) -> bool:
     return not any(ch.isprintable() and not ch.isspace() for ch in text)
 
 
-def _is_encodable(text: str) -> bool:
-    # Lone surrogates (JSON allows "\ud800") pass Python but crash the tokenizer later.
-    try:
-        text.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
-
-
 def _as_preset(preset_or_fields: DatasetPreset | str | dict) -> DatasetPreset:
     if isinstance(preset_or_fields, DatasetPreset):
         return preset_or_fields
@@ -204,14 +196,14 @@ def _check_row(row: Any, preset: DatasetPreset, max_question_chars: int | None) 
         return "question_not_text", q_field, question
     if _is_blank(question):
         return "question_empty", q_field, question
-    if not _is_encodable(question):
+    if invalid_unicode_position(question) is not None:
         return "question_invalid_unicode", q_field, question
     if max_question_chars is not None and len(question) > max_question_chars:
         return "question_too_long", q_field, question
     answer = _answer_text(raw_answer)
     if answer is None:
         return "answer_not_text", a_field, raw_answer
-    if not _is_encodable(answer):
+    if invalid_unicode_position(answer) is not None:
         return "answer_invalid_unicode", a_field, raw_answer
     if _is_blank(answer):
         return "answer_empty", a_field, raw_answer

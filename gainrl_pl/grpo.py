@@ -245,8 +245,7 @@ def token_logprobs_and_entropy(
     The training step logs entropy; computing it while each float32 chunk of logits is already built
     costs one extra exp per chunk instead of a second pass over the whole logits tensor.
     """
-    logp, entropy = _selective_log_softmax(logits, token_ids, chunk_size, temperature, with_entropy=True)
-    return logp, entropy
+    return _selective_log_softmax(logits, token_ids, chunk_size, temperature, with_entropy=True)
 
 
 @torch.no_grad()

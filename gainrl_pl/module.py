@@ -219,7 +219,7 @@ class GRPOModule(pl.LightningModule):
             raise ValueError("no trainable parameters: check `lora.target_modules` or disable quantization")
         hp = self.hparams
         opt = build_adamw(params, lr=hp.learning_rate, weight_decay=hp.weight_decay, betas=tuple(hp.adam_betas),
-                          fused=hp.get("fused_optimizer", True))
+                          fused=hp.fused_optimizer)
         factor = functools.partial(lr_multiplier, schedule=hp.lr_schedule, warmup_steps=hp.warmup_steps,
                                    total_steps=self._total_optimizer_steps())
         return {"optimizer": opt, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.LambdaLR(opt, factor),
@@ -439,7 +439,7 @@ class GRPOModule(pl.LightningModule):
                 max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                 do_sample=do_sample, temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
                 repetition_penalty=hp.repetition_penalty, generation_batch_size=hp.generation_batch_size,
-                share_prompt_prefill=hp.get("share_prompt_prefill", True))
+                share_prompt_prefill=hp.share_prompt_prefill)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"out of memory while generating {batch['input_ids'].shape[0]} prompts x {num_generations} "

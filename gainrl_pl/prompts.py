@@ -151,6 +151,18 @@ def _question_char_span(tokenizer, text: str, question: str, template: PromptTem
     return pos, pos + len(question)
 
 
+def invalid_unicode_position(text: str) -> int | None:
+    """Index of the first character UTF-8 cannot encode (a lone surrogate: JSON allows "\\ud800"), else None.
+
+    Such text passes through Python but makes the tokenizer fail later with an error that names nothing.
+    """
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
 def build_prompt(tokenizer, question: str, template: PromptTemplate, *,
                  max_length: int | None = None) -> PromptSegments:
     """Render `question` with `template` and the tokenizer's chat template, and find its segments.
@@ -166,11 +178,10 @@ def build_prompt(tokenizer, question: str, template: PromptTemplate, *,
     """
     if not isinstance(question, str) or not question.strip():
         raise ValueError(f"question={question!r} is empty or whitespace only; a prompt needs a question")
-    try:
-        question.encode("utf-8")
-    except UnicodeEncodeError as err:  # a lone surrogate: the tokenizer's own TypeError would not say where
-        raise ValueError(f"question {question[:80]!r} is not valid Unicode ({err.reason} at character {err.start}); "
-                         "fix or drop the row (files loaded by the DataModule skip such rows and count them)") from err
+    bad = invalid_unicode_position(question)
+    if bad is not None:  # a lone surrogate: the tokenizer's own TypeError would not say where
+        raise ValueError(f"question {question[:80]!r} is not valid Unicode (a lone surrogate at character {bad}); "
+                         "fix or drop the row (files loaded by the DataModule skip such rows and count them)")
     question = question.strip()
     text = _render(tokenizer, template.messages(question))
     q0, q1 = _question_char_span(tokenizer, text, question, template)
