@@ -131,6 +131,8 @@ def report() -> None:
             "arm": arm, "seeds": len(rs), "baseline_acc": float(np.mean(base)),
             "final_acc_mean": float(np.mean(finals)), "final_acc_sd": float(np.std(finals, ddof=1)) if len(rs) > 1 else 0.0,
             "final_acc_min": float(np.min(finals)), "final_acc_max": float(np.max(finals)),
+            # mean over the validations after training started: uses every point, so less noisy than the final
+            "mean_acc_after_step0": float(np.mean([val_curve(r)[1][1:].mean() for r in rs])),
             "steps_to_uniform_final": (None if not reach else
                                        "/".join("never" if s is None else str(int(s)) for s in reach)),
             "rho_angle_rank_first_solved": float(np.nanmean(rhos)) if rhos else float("nan"),
@@ -171,14 +173,16 @@ def report() -> None:
 
 
 def markdown(rows: list[dict], summary: dict) -> str:
-    head = ("| arm | seeds | val acc step 0 | final val acc (mean, sd, min-max) | steps to uniform's final | "
+    head = ("| arm | seeds | val acc step 0 | final val acc (mean, sd, min-max) | mean val acc, steps 4-12 | "
+            "steps to uniform's final | "
             "Spearman(angle rank, first solved) | same, question length | same, level | train reward | "
             "groups generated | s/run |")
-    lines = [head, "|" + " --- |" * 11]
+    lines = [head, "|" + " --- |" * 12]
     for r in rows:
         lines.append(
             f"| {r['arm']} | {r['seeds']} | {r['baseline_acc']:.3f} | {r['final_acc_mean']:.3f}, "
             f"{r['final_acc_sd']:.3f}, {r['final_acc_min']:.3f}-{r['final_acc_max']:.3f} | "
+            f"{r['mean_acc_after_step0']:.3f} | "
             f"{r['steps_to_uniform_final']} | {r['rho_angle_rank_first_solved']:+.2f} | "
             f"{r['rho_qlen_first_solved']:+.2f} | {r['rho_level_first_solved']:+.2f} | "
             f"{r['mean_train_reward']:.3f} | {r['groups_generated_mean']:.0f} | {r['wall_s_mean']:.0f} |")
