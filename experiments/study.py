@@ -198,21 +198,27 @@ def plot(by_arm: dict[str, list[dict]], arms: list[str]) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for arm in arms:
-        curves = [val_curve(r) for r in by_arm[arm]]
-        steps = curves[0][0]
-        if any(len(c[0]) != len(steps) or (c[0] != steps).any() for c in curves):
+    # two panels, so that seed bands stay readable: the paper's arms, then the other schedules against them
+    panels = [("GAIN-RL against its baselines", ["gainrl", "uniform", "length", "gainrl_half"]),
+              ("other schedules (gainrl and uniform repeated)", ["gainrl", "uniform"] + [
+                  a for a in arms if a not in ("gainrl", "uniform", "length", "gainrl_half")])]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    colors = {arm: f"C{i}" for i, arm in enumerate(arms)}
+    for ax, (title, members) in zip(axes, panels, strict=True):
+        for arm in [a for a in members if a in by_arm]:
+            curves = [val_curve(r) for r in by_arm[arm]]
+            steps = curves[0][0]
             curves = [c for c in curves if len(c[0]) == len(steps) and (c[0] == steps).all()]
-        acc = np.stack([c[1] for c in curves])
-        line, = ax.plot(steps, acc.mean(0), marker="o", label=f"{arm} (n={len(acc)})")
-        if len(acc) > 1:  # band = min..max over seeds
-            ax.fill_between(steps, acc.min(0), acc.max(0), alpha=0.15, color=line.get_color())
-    ax.set_xlabel("optimizer step (4 prompts x G=4 each)")
-    ax.set_ylabel("val accuracy (greedy, 24 prompts)")
-    ax.set_title("Miniature GAIN-RL study: SmolLM2-135M, arithmetic, CPU")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+            acc = np.stack([c[1] for c in curves])
+            ax.plot(steps, acc.mean(0), marker="o", color=colors[arm], label=f"{arm} (n={len(acc)})")
+            if len(acc) > 1:  # band = min..max over seeds
+                ax.fill_between(steps, acc.min(0), acc.max(0), alpha=0.12, color=colors[arm])
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel("optimizer step (4 prompts x G=4 each)")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    axes[0].set_ylabel("val accuracy (greedy, 24 prompts)")
+    fig.suptitle("Miniature GAIN-RL study: SmolLM2-135M, arithmetic, CPU (mean over seeds; band = min-max)")
     fig.tight_layout()
     fig.savefig(RESULTS / "val_accuracy.png", dpi=110)
     plt.close(fig)
