@@ -187,6 +187,13 @@ def markdown(rows: list[dict], summary: dict) -> str:
             f"{r['rho_qlen_first_solved']:+.2f} | {r['rho_level_first_solved']:+.2f} | "
             f"{r['mean_train_reward']:.3f} | {r['groups_generated_mean']:.0f} | {r['wall_s_mean']:.0f} |")
     lines.append("")
+    n_val = summary["num_val_prompts"]
+    lines.append("| arm | final val accuracy per seed (correct of %d) |" % n_val)
+    lines.append("| --- | --- |")
+    for arm, d in summary["detail"].items():
+        per_seed = ", ".join(f"s{seed} {round(curve[max(curve)] * n_val)}" for seed, curve in sorted(d["curves"].items()))
+        lines.append(f"| {arm} | {per_seed} |")
+    lines.append("")
     lines.append(f"uniform final (mean) = {summary['uniform_final_mean']}; val prompts = {summary['num_val_prompts']} "
                  f"(one prompt = {summary['one_prompt_is']:.3f} accuracy); proxies: {summary['angle_score_proxies']}")
     return "\n".join(lines)
