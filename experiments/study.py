@@ -114,13 +114,16 @@ def report() -> None:
         # first-solved step vs angle rank, over prompts drawn at least once; never solved = censored at max+1
         rhos, rhos_len, rhos_level, solved_frac = [], [], [], []
         for r in rs:
-            drawn = [p for p in r["prompts"] if p["times_drawn"] > 0 and p["question"] in angle_by_q]
+            # an angle arm's own scores (its layer, its data half); the full-data last-layer scores otherwise
+            own = {p["question"]: p["angle_score"] for p in r["prompts"] if p["angle_score"] is not None}
+            scores = own or angle_by_q
+            drawn = [p for p in r["prompts"] if p["times_drawn"] > 0 and p["question"] in scores]
             if not drawn:
                 continue
             cens = r["max_steps"] + 1
             fs = [p["first_solved_step"] if p["first_solved_step"] is not None else cens for p in drawn]
             # angle rank: 0 = highest concentration (the paper's "learn first"); rank among all scored prompts
-            order = sorted(angle_by_q, key=lambda q: -angle_by_q[q])
+            order = sorted(scores, key=lambda q: -scores[q])
             rank_of = {q: i for i, q in enumerate(order)}
             rhos.append(spearman([rank_of[p["question"]] for p in drawn], fs))
             rhos_len.append(spearman([p["question_tokens"] for p in drawn], fs))
