@@ -233,15 +233,15 @@ def plot(by_arm: dict[str, list[dict]], arms: list[str]) -> None:
     fig.savefig(RESULTS / "val_accuracy.png", dpi=110)
     plt.close(fig)
 
-    runs = [r for a in ("gainrl", "gainrl_half") for r in by_arm.get(a, [])]
+    runs = [r for a in ("gainrl", "gainrl_half", "gainrl_layer8") for r in by_arm.get(a, [])]
     if runs:
-        fig, ax = plt.subplots(figsize=(7, 4))
-        for r in runs:
+        fig, ax = plt.subplots(figsize=(8, 4.5))
+        for k, r in enumerate(runs):  # one colour per run: mu solid, the mean rank it drew dotted
             h = r["schedule_history"]
-            ax.plot([e["step"] for e in h], [e.get("mu") for e in h], marker="o",
-                    label=f"{r['arm']} s{r['seed']} mu (N={r['num_train_prompts']})")
-            ax.plot([e["step"] for e in h], [e.get("drawn_rank_mean") for e in h], ls=":",
-                    label=f"{r['arm']} s{r['seed']} mean drawn rank")
+            ax.plot([e["step"] for e in h], [e.get("mu") for e in h], marker="o", color=f"C{k}",
+                    label=f"{r['arm']} s{r['seed']} (N={r['num_train_prompts']})")
+            ax.plot([e["step"] for e in h], [e.get("drawn_rank_mean") for e in h], ls=":", color=f"C{k}")
+        ax.set_title("mu (solid) and the mean rank of the drawn prompts (dotted)", fontsize=10)
         ax.set_xlabel("optimizer step")
         ax.set_ylabel("rank position")
         ax.grid(alpha=0.3)
