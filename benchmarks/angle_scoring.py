@@ -33,7 +33,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from common import git_describe  # benchmarks/ is on sys.path when a script runs
+from common import git_describe, proc_status_kb  # benchmarks/ is on sys.path when a script runs
 
 # Spinning OpenMP workers turn a 2-thread forward ~13x slower when another process holds one of the 2
 # cores (measured: 5.2 s vs 0.40 s for a 160-token forward); passive waiting removes that. It must be
@@ -204,14 +204,6 @@ class PeakMemory:
     def __init__(self, device: torch.device) -> None:
         self.device = device
 
-    @staticmethod
-    def _status_kb(key: str) -> int:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith(key + ":"):
-                    return int(line.split()[1])
-        raise RuntimeError(f"{key} not in /proc/self/status")
-
     def reset(self) -> None:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -221,13 +213,13 @@ class PeakMemory:
         # "5" resets the peak RSS to the current RSS (Linux >= 4.0); ru_maxrss follows it
         with open("/proc/self/clear_refs", "w") as fh:
             fh.write("5")
-        self.base = self._status_kb("VmRSS") * 1024
+        self.base = proc_status_kb("VmRSS") * 1024
 
     def rise_mb(self) -> float:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
             return (torch.cuda.max_memory_allocated(self.device) - self.base) / 2**20
-        return (self._status_kb("VmHWM") * 1024 - self.base) / 2**20
+        return (proc_status_kb("VmHWM") * 1024 - self.base) / 2**20
 
 
 def memory_child(args: argparse.Namespace) -> None:

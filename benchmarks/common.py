@@ -15,3 +15,12 @@ def git_describe() -> str:
         return f"commit {out.stdout.strip()}" if out.returncode == 0 else "commit unknown"
     except OSError:
         return "commit unknown"
+
+
+def proc_status_kb(key: str) -> int:
+    """A `/proc/self/status` field in kB (VmRSS, VmHWM: what the memory columns are read from)."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{key} not in /proc/self/status")

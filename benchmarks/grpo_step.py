@@ -31,7 +31,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from common import git_describe  # benchmarks/ is on sys.path when a script runs
+from common import git_describe, proc_status_kb  # benchmarks/ is on sys.path when a script runs
 
 # Spinning OpenMP workers make 2-thread torch ops ~13x slower while another process holds a core of
 # this 2-core machine; passive waiting avoids it (see benchmarks/README.md). Must precede `import torch`.
@@ -47,14 +47,6 @@ IMPLEMENTATIONS = ("ours", "trl")
 
 
 # ------------------------------------------------------------------------------------------- measuring
-def _status_kb(key: str) -> int:
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith(key + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(f"{key} not in /proc/self/status")
-
-
 def reset_peak_rss() -> float:
     """Reset the peak RSS (VmHWM, which ru_maxrss follows) to the current RSS; return that RSS in MB.
 
@@ -62,11 +54,11 @@ def reset_peak_rss() -> float:
     """
     with open("/proc/self/clear_refs", "w") as fh:
         fh.write("5")
-    return _status_kb("VmRSS") / 1024
+    return proc_status_kb("VmRSS") / 1024
 
 
 def peak_rss_mb() -> float:
-    return _status_kb("VmHWM") / 1024
+    return proc_status_kb("VmHWM") / 1024
 
 
 class PeakRSS:
