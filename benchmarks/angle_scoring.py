@@ -159,13 +159,15 @@ def run_ours(s: Setup, prompts: list) -> list[float]:
 
 def prepare_limit(s: Setup, prompts: list) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Length-sorted, padded batches on the device, built before the clock starts."""
+    from gainrl_pl.models import position_ids_from_mask
+
     order = sorted(range(len(prompts)), key=lambda i: -len(prompts[i].input_ids))
     batches = []
     for lo in range(0, len(order), s.args.batch_size):
         ids = [prompts[i].input_ids for i in order[lo:lo + s.args.batch_size]]
         padded = s.tokenizer.pad({"input_ids": ids}, return_tensors="pt")
         mask = padded["attention_mask"].to(s.device)
-        positions = (mask.cumsum(-1) - 1).clamp_min(0)
+        positions = position_ids_from_mask(mask)  # as the scorer does
         batches.append((padded["input_ids"].to(s.device), mask, positions))
     return batches
 

@@ -40,16 +40,16 @@ CENSORED_STEP = 13
 
 def capture_all_layers(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> list[torch.Tensor]:
     """MLP inputs of every decoder layer for one batch (the paper's scoring site, at each depth)."""
+    from gainrl_pl.models import position_ids_from_mask
     from gainrl_pl.scoring import find_decoder_layers
 
     captured: list[torch.Tensor] = []
     handles = [layer.mlp.register_forward_pre_hook(lambda m, args: captured.append(args[0].float()))
                for layer in find_decoder_layers(model)]
-    position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)  # as the scorer and generate do
     try:
-        with torch.inference_mode():
-            model.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                        use_cache=False)
+        with torch.inference_mode():  # positions as the scorer and generate use them
+            model.model(input_ids=input_ids, attention_mask=attention_mask,
+                        position_ids=position_ids_from_mask(attention_mask), use_cache=False)
     finally:
         for h in handles:
             h.remove()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     from gainrl_pl.data_loading import load_rows
     from gainrl_pl.models import load_model, load_tokenizer
     from gainrl_pl.prompts import build_prompt, get_prompt_template
-    from gainrl_pl.scoring import spearman
+    from gainrl_pl.scoring import segment_masks, spearman
 
     rows = load_rows(args.data)
     examples, _ = build_examples(rows, "arithmetic")
@@ -100,16 +100,7 @@ def main(argv: list[str] | None = None) -> None:
         idx = order[lo:lo + args.batch_size]
         batch = [prompts[i] for i in idx]
         padded = tokenizer.pad({"input_ids": [p.input_ids for p in batch]}, return_tensors="pt")
-        attention = padded["attention_mask"].bool()
-        offset = (attention.long().cumsum(-1) == 0).sum(-1)
-        rel = torch.arange(attention.shape[1]).unsqueeze(0) - offset.unsqueeze(1)
-
-        def span(ranges):
-            lo_ = torch.tensor([r[0] for r in ranges]).unsqueeze(1)
-            hi_ = torch.tensor([r[1] for r in ranges]).unsqueeze(1)
-            return (rel >= lo_) & (rel < hi_) & attention
-
-        q_mask, p_mask = span([p.question for p in batch]), span([p.prefix for p in batch])
+        q_mask, p_mask = segment_masks(batch, padded["attention_mask"])  # the scorer's segments
         layers = capture_all_layers(model, padded["input_ids"], padded["attention_mask"])
         results = [angle_concentration(h, q_mask, p_mask) for h in layers]
         for j, i in enumerate(idx):

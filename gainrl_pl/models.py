@@ -123,6 +123,15 @@ def load_tokenizer(name: str | None = None, *, gguf_file: str | None = None, tru
     return tokenizer
 
 
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids as `generate` derives them: 0 at each row's first real token, 0 on padding.
+
+    With left padding a prompt then sees the same positions alone and in a padded batch, so hidden states
+    (angle scores) and KV caches (shared prefill) do not depend on what else is in the batch.
+    """
+    return (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)
+
+
 def load_model(name: str | None = None, *, gguf_file: str | None = None, dtype: str | torch.dtype = "float32",
                quantization_config=None, trust_remote_code: bool = False, device_map=None,
                attn_implementation: str | None = None):

@@ -8,6 +8,8 @@ from dataclasses import dataclass
 
 import torch
 
+from gainrl_pl.models import position_ids_from_mask
+
 
 @dataclass
 class Rollout:
@@ -71,10 +73,9 @@ def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     if name is None or prompt_ids.shape[1] < 2:
         return None
     mask = prompt_mask[:, :-1]
-    position_ids = (mask.long().cumsum(-1) - 1).masked_fill(mask == 0, 0)
     kwargs = {"logits_to_keep": 1} if "logits_to_keep" in params else {}  # skip the full-vocabulary head
-    out = model(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=position_ids, use_cache=True,
-                **kwargs)
+    out = model(input_ids=prompt_ids[:, :-1], attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                use_cache=True, **kwargs)
     cache = out.get(name)
     if cache is None or not hasattr(cache, "batch_repeat_interleave"):
         return None

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from gainrl_pl.angles import angle_concentration, weighted_score
+from gainrl_pl.models import position_ids_from_mask
 from gainrl_pl.prompts import PromptSegments
 
 SITES = ("mlp_input", "layer_output")
@@ -73,6 +74,24 @@ def _model_device(model: nn.Module) -> torch.device:
     for p in model.parameters():
         return p.device
     return torch.device("cpu")
+
+
+def segment_masks(batch: Sequence[PromptSegments], attention: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bool masks [B, L] of each padded row's question and prefix tokens (pads are in neither).
+
+    Each row's real tokens start after its leading pads (left padding) or at 0 (right padding); the
+    segments' token ranges count from there.
+    """
+    attention = attention.bool()
+    offset = (attention.long().cumsum(-1) == 0).sum(-1)
+    rel = torch.arange(attention.shape[1], device=attention.device).unsqueeze(0) - offset.unsqueeze(1)
+
+    def span(ranges: list[tuple[int, int]]) -> torch.Tensor:
+        lo = torch.tensor([r[0] for r in ranges], device=attention.device).unsqueeze(1)
+        hi = torch.tensor([r[1] for r in ranges], device=attention.device).unsqueeze(1)
+        return (rel >= lo) & (rel < hi) & attention
+
+    return span([p.question for p in batch]), span([p.prefix for p in batch])
 
 
 class AngleScorer:
@@ -129,12 +148,9 @@ class AngleScorer:
             handle = self._hook_module.register_forward_pre_hook(pre_hook, with_kwargs=True)
         else:
             handle = self._hook_module.register_forward_hook(post_hook)
-        # Positions from the attention mask, as generate() does: with left padding the first real token
-        # is position 0, so a prompt sees the same positions alone and in a padded batch.
-        position_ids = (attention_mask.long().cumsum(-1) - 1).clamp_min(0)
         try:
-            self.body(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                      use_cache=False)
+            self.body(input_ids=input_ids, attention_mask=attention_mask,
+                      position_ids=position_ids_from_mask(attention_mask), use_cache=False)
         except _StopForward:
             pass
         finally:
@@ -149,18 +165,8 @@ class AngleScorer:
         input_ids = padded["input_ids"].to(device)
         attention = padded["attention_mask"].to(device).bool()
         hidden = self._hidden(input_ids, attention.long())
-        # Each row's real tokens start after its leading pads (left padding) or at 0 (right padding).
-        offset = (attention.long().cumsum(-1) == 0).sum(-1)
-        positions = torch.arange(input_ids.shape[1], device=device)
-        rel = positions.unsqueeze(0) - offset.unsqueeze(1)
-
-        def span(ranges: list[tuple[int, int]]) -> torch.Tensor:
-            lo = torch.tensor([r[0] for r in ranges], device=device).unsqueeze(1)
-            hi = torch.tensor([r[1] for r in ranges], device=device).unsqueeze(1)
-            return (rel >= lo) & (rel < hi) & attention
-
-        result = angle_concentration(hidden, span([p.question for p in batch]), span([p.prefix for p in batch]),
-                                     intra_diagonal=self.intra_diagonal)
+        question, prefix = segment_masks(batch, attention)
+        result = angle_concentration(hidden, question, prefix, intra_diagonal=self.intra_diagonal)
         score = weighted_score(result.intra, result.inter, self.w_intra, self.w_inter)
         rows = torch.stack([score, result.intra, result.inter]).float().cpu()
         return [tuple(float(v) for v in rows[:, i]) for i in range(len(batch))]
