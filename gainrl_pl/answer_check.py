@@ -1,8 +1,10 @@
 """Answer extraction and checking: what a completion answers, what the gold answer is, whether they match.
 
-Extraction is plain string work (last `\\boxed{}`, GSM8K `####`, last number). Checking goes through
-`math-verify` (gold first: `verify(gold, prediction)` is not symmetric), behind a fast exact-number path and
-hard caps, because sympy can take unbounded time on hostile inputs; a wall-clock budget bounds every call.
+Extraction is plain string work (last `\\boxed{}`, GSM8K `####`, last number), under a named rule
+(`ANSWER_EXTRACTIONS`: `boxed`, the paper's, or `flexible`) that training rewards and evaluation share.
+Checking goes through `math-verify` (gold first: `verify(gold, prediction)` is not symmetric), behind a fast
+exact-number path and hard caps, because sympy can take unbounded time on hostile inputs; a wall-clock
+budget bounds every call.
 
 No torch and no Lightning here, so the answer-checking worker process (`_MatchWorker`) starts quickly.
 The reward functions built on these live in `gainrl_pl.rewards`, which re-exports every public name here.
@@ -140,16 +142,44 @@ def last_number(text: str) -> str | None:
     return None if last is None else last.group(0).replace(",", "")
 
 
-def extract_prediction(completion: Any) -> str | None:
-    """The answer a completion gives: its last `\\boxed{}` if it has one, else its last number.
+ANSWER_EXTRACTIONS = ("boxed", "flexible")
+"""How a completion's answer is read (`extract_prediction`):
 
-    A completion that boxes something is judged only on the box (it chose its final answer); the last
-    number is the fallback for models that answer in plain text ("... so she has 18 apples.").
+- `boxed`: the last `\\boxed{}` only; a completion without one has no answer (scores 0). The paper's rule
+  (spec section 6): the model must say which number is its final answer.
+- `flexible`: the last `\\boxed{}` if there is one, else the last number in the text. Kinder to small models
+  that answer in prose ("... so she has 18 apples."), but it also credits a completion whose last number
+  is an intermediate step that happens to equal the gold ("Step 1: 7, step 2: 9" for gold 9).
+"""
+DEFAULT_ANSWER_EXTRACTION = "boxed"
+"""What the built-in accuracy reward, `GRPOModule` and `gainrl-pl evaluate` use unless told otherwise."""
+
+
+def check_answer_extraction(extraction: str) -> str:
+    """`extraction` if it is one of `ANSWER_EXTRACTIONS`, else a ValueError naming the allowed values."""
+    if extraction not in ANSWER_EXTRACTIONS:
+        raise ValueError(f"answer_extraction={extraction!r} is not supported; allowed values: "
+                         f"{', '.join(ANSWER_EXTRACTIONS)} (boxed = the last \\boxed{{}} only, the paper's rule; "
+                         "flexible = the last \\boxed{} or else the last number)")
+    return extraction
+
+
+def extract_prediction(completion: Any, extraction: str = DEFAULT_ANSWER_EXTRACTION) -> str | None:
+    """The answer a completion gives, read as `extraction` says (see `ANSWER_EXTRACTIONS`).
+
+    Under both rules a completion that boxes something is judged only on its last box (it chose its
+    final answer; a cut-off last box gives None). Without a box, `boxed` gives None and `flexible` the
+    last number in the text.
+
+    Args:
+        completion: A string or chat message(s) (see `completion_text`).
+        extraction: `boxed` (the paper's rule) or `flexible`.
     """
+    check_answer_extraction(extraction)
     text = completion_text(completion)
     if BOX_RE.search(text):
         return extract_boxed(text)
-    return last_number(text)
+    return last_number(text) if extraction == "flexible" else None
 
 
 def gold_answer(answer: Any) -> str | None:

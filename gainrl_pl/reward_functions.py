@@ -2,8 +2,9 @@
 
 A reward function is `fn(prompts, completions, **columns) -> list[float | None]`, exactly as in TRL's
 `GRPOTrainer`: `columns` holds the dataset fields of each sample as lists (e.g. `answer=[...]`), and `None`
-means "this reward does not apply to this sample". Completions are strings; chat-formatted completions
-(a list of `{"role", "content"}` messages) are accepted by the built-ins, which read the content.
+means "this reward does not apply to this sample". Completions are strings, or TRL's conversational format
+(a list holding one `{"role": "assistant", "content": ...}` message; see `RewardComputer`): the built-ins
+accept both and read the content.
 
 Import from `gainrl_pl.rewards`, which re-exports everything here beside `RewardComputer`.
 """
@@ -17,7 +18,9 @@ from typing import Any
 
 from gainrl_pl.answer_check import (
     BOX_RE,
+    DEFAULT_ANSWER_EXTRACTION,
     answers_match,
+    check_answer_extraction,
     completion_text,
     extract_boxed,
     extract_prediction,
@@ -29,34 +32,65 @@ RewardFunction = Callable[..., Sequence[float | None]]
 
 
 # --------------------------------------------------------------------------------------- built-in rewards
-def accuracy_reward(
-    prompts: list, completions: list, answer: list | None = None, **columns
-) -> list[float | None]:
+class AccuracyReward:
     """1.0 when the completion's answer matches the gold answer, else 0.0 (TRL signature).
 
-    The prediction is the completion's last `\\boxed{}` if it has any box, else its last number
-    (`extract_prediction`); the gold comes from the `answer` column via `gold_answer` (GSM8K `####`,
-    MATH `\\boxed{}`, or a bare answer). A sample with no gold answer gets None (not applicable).
+    The prediction is read by `extract_prediction` under `extraction` (`boxed`: the last `\\boxed{}` only,
+    the paper's rule; `flexible`: the last box, else the last number); the gold comes from the `answer`
+    column via `gold_answer` (GSM8K `####`, MATH `\\boxed{}`, or a bare answer). A sample with no gold
+    answer gets None (not applicable). Completions may be strings or TRL's chat messages.
 
     Args:
-        prompts: The prompts (unused).
-        completions: Completion strings or chat messages.
-        answer: The dataset's `answer` column, one entry per completion.
-        **columns: Other dataset columns (ignored).
+        extraction: `boxed` or `flexible`; `None` = not chosen here: `GRPOModule`'s `answer_extraction`
+            (through `RewardComputer`) decides, and a direct call uses `DEFAULT_ANSWER_EXTRACTION` (`boxed`).
     """
-    if answer is None:
-        raise ValueError(f"accuracy_reward needs the dataset column `answer`; got columns {sorted(columns)}")
-    if len(answer) != len(completions):
-        raise ValueError(f"accuracy_reward: {len(answer)} answers for {len(completions)} completions")
-    rewards: list[float | None] = []
-    for completion, reference in zip(completions, answer, strict=True):
-        gold = gold_answer(reference)
-        if gold is None:
-            rewards.append(None)
-            continue
-        prediction = extract_prediction(completion)
-        rewards.append(1.0 if prediction is not None and answers_match(gold, prediction) else 0.0)
-    return rewards
+
+    __name__ = "accuracy_reward"
+
+    def __init__(self, extraction: str | None = None) -> None:
+        self.extraction = None if extraction is None else check_answer_extraction(extraction)
+
+    def with_extraction(self, extraction: str) -> AccuracyReward:
+        """This reward with `extraction` filled in (itself if already so); a different explicit choice raises.
+
+        Raises:
+            ValueError: this reward was built with another extraction (two rules for one run).
+        """
+        check_answer_extraction(extraction)
+        if self.extraction == extraction:
+            return self
+        if self.extraction is not None:
+            raise ValueError(f"accuracy_reward was built with extraction={self.extraction!r} but the run says "
+                             f"answer_extraction={extraction!r}; set one of them (the run's option also decides "
+                             "validation)")
+        return type(self)(extraction)
+
+    def __call__(self, prompts: list, completions: list, answer: list | None = None, **columns) -> list[float | None]:
+        """Score each completion against its gold answer: 1.0, 0.0, or None when there is no gold.
+
+        Args:
+            prompts: The prompts (unused).
+            completions: Completion strings or chat messages.
+            answer: The dataset's `answer` column, one entry per completion.
+            **columns: Other dataset columns (ignored).
+        """
+        if answer is None:
+            raise ValueError(f"accuracy_reward needs the dataset column `answer`; got columns {sorted(columns)}")
+        if len(answer) != len(completions):
+            raise ValueError(f"accuracy_reward: {len(answer)} answers for {len(completions)} completions")
+        extraction = self.extraction or DEFAULT_ANSWER_EXTRACTION
+        rewards: list[float | None] = []
+        for completion, reference in zip(completions, answer, strict=True):
+            gold = gold_answer(reference)
+            if gold is None:
+                rewards.append(None)
+                continue
+            prediction = extract_prediction(completion, extraction)
+            rewards.append(1.0 if prediction is not None and answers_match(gold, prediction) else 0.0)
+        return rewards
+
+    def __repr__(self) -> str:
+        return f"AccuracyReward(extraction={self.extraction!r})"
 
 
 class FormatReward:
@@ -160,6 +194,8 @@ class LengthPenalty:
         return out
 
 
+accuracy_reward = AccuracyReward()
+"""The built-in accuracy reward (`accuracy`); its extraction is the run's `answer_extraction`, else `boxed`."""
 format_reward = FormatReward()
 length_penalty = LengthPenalty()
 

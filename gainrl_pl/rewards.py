@@ -19,6 +19,8 @@ from typing import Any
 import torch
 
 from gainrl_pl.answer_check import (
+    ANSWER_EXTRACTIONS,
+    DEFAULT_ANSWER_EXTRACTION,
     DEFAULT_TIMEOUT_SECONDS,
     MAX_ANSWER_CHARS,
     MAX_ANSWER_NESTING,
@@ -32,6 +34,7 @@ from gainrl_pl.answer_check import (
 )
 from gainrl_pl.reward_functions import (
     REWARD_FUNCTIONS,
+    AccuracyReward,
     FormatReward,
     LengthPenalty,
     RewardFunction,
@@ -106,8 +109,57 @@ def _as_reward(value: Any) -> float | None:
     return number
 
 
+COMPLETION_FORMATS = ("auto", "text", "conversational")
+"""How completions (and prompts) reach reward functions; see `RewardComputer`."""
+
+
+@dataclass
+class ChatInputs:
+    """The conversational view of a batch's prompts: what TRL hands reward functions for chat datasets.
+
+    Attributes:
+        prompts: One message list (`[{"role": ..., "content": ...}, ...]`) per completion: the dataset's own
+            messages for a conversational dataset, else the messages our prompt template rendered.
+        from_data: The dataset's prompts were chat messages (TRL's conversational format); with
+            `completion_format="auto"` this view then goes to every reward function, as in TRL.
+    """
+
+    prompts: list[list[dict[str, Any]]]
+    from_data: bool = False
+
+
+def as_chat_completions(completions: Sequence[Any]) -> list[list[dict[str, Any]]]:
+    """TRL's conversational completions: each one a list holding one assistant message.
+
+    Completions already in that form (a list of messages) are kept as they are.
+    """
+    return [c if isinstance(c, list) else [{"role": "assistant", "content": c}] for c in completions]
+
+
+def wants_chat(fn: Any, completion_format: str, chat_data: bool) -> bool:
+    """Whether `fn` gets the conversational view: its own `completion_format` attribute (`text` or
+    `conversational`) if it has one, else the run's `completion_format` (`auto` = as the dataset is)."""
+    asked = getattr(fn, "completion_format", None)
+    if asked in ("text", "conversational"):
+        return asked == "conversational"
+    if completion_format == "auto":
+        return chat_data
+    return completion_format == "conversational"
+
+
+_TEXT_HINT = (" It got plain-text completions; a function written for TRL's conversational format (reading "
+              "`completion[0][\"content\"]`) needs completion_format='conversational' (or chat-message prompts "
+              "in the dataset)")
+
+
 class RewardComputer:
     """Calls each reward function on a batch, validates what comes back, and combines the results.
+
+    What each function receives is TRL's contract: `fn(prompts=..., completions=..., **columns)`. In the text
+    view prompts are the rendered prompt strings and completions strings; in the conversational view
+    (TRL's format for chat datasets) prompts are message lists and each completion is
+    `[{"role": "assistant", "content": text}]`. Which view a function gets: its own `completion_format`
+    attribute (`"text"` or `"conversational"`) if it sets one, else `completion_format` here.
 
     Args:
         funcs: Reward functions (or names/dotted paths, resolved with `get_reward_function`).
@@ -115,6 +167,11 @@ class RewardComputer:
         on_error: `raise`: a function that raises, returns a list of the wrong length, or returns NaN/inf
             or a non-number stops with `RewardFunctionError` naming the function and the sample;
             `zero`: those values count as 0 and are counted in `RewardOutput.errors`.
+        answer_extraction: How the built-in accuracy reward reads answers (`boxed` or `flexible`, see
+            `answer_check.ANSWER_EXTRACTIONS`); `None` leaves each `AccuracyReward` as built (`boxed` unless
+            it was given another). Functions that are not ours extract as they do.
+        completion_format: `auto` (conversational when the dataset's prompts are chat messages, as TRL
+            decides), `text` or `conversational` (for every function that does not say itself).
     """
 
     def __init__(
@@ -122,10 +179,19 @@ class RewardComputer:
         funcs: Sequence[str | RewardFunction],
         weights: Sequence[float] | None = None,
         on_error: str = "raise",
+        answer_extraction: str | None = None,
+        completion_format: str = "auto",
     ) -> None:
         if on_error not in ("raise", "zero"):
             raise ValueError(f"on_error={on_error!r} is not one of raise, zero")
+        if completion_format not in COMPLETION_FORMATS:
+            raise ValueError(f"completion_format={completion_format!r} is not one of {', '.join(COMPLETION_FORMATS)}")
         self.funcs = [get_reward_function(f) for f in funcs]
+        if answer_extraction is not None:
+            self.funcs = [f.with_extraction(answer_extraction) if isinstance(f, AccuracyReward) else f
+                          for f in self.funcs]
+        self.answer_extraction = answer_extraction
+        self.completion_format = completion_format
         if not self.funcs:
             raise ValueError("RewardComputer needs at least one reward function")
         if weights is None:
@@ -145,8 +211,16 @@ class RewardComputer:
             n if names[:i].count(n) == 0 else f"{n}_{names[:i].count(n) + 1}" for i, n in enumerate(names)
         ]
 
-    def __call__(self, prompts: list, completions: list, **columns) -> RewardOutput:
+    def __call__(self, prompts: list, completions: list, chat: ChatInputs | None = None, /,
+                 **columns) -> RewardOutput:
         """Rewards for `completions` (one prompt per completion, columns repeated likewise).
+
+        Args:
+            prompts: The rendered prompt strings, one per completion.
+            completions: Completion strings (or chat messages), one per completion.
+            chat: The conversational view of the prompts (positional, so no dataset column can shadow it);
+                without it every function gets the text view, and one that asks for chat messages fails.
+            **columns: The dataset's other columns, one value per completion (e.g. `answer`).
 
         Returns:
             A `RewardOutput` with the `(N, F)` per-function rewards, the weighted `(N,)` total and counters.
@@ -154,11 +228,22 @@ class RewardComputer:
         n = len(completions)
         if len(prompts) != n:
             raise ValueError(f"{len(prompts)} prompts for {n} completions: repeat each prompt per completion")
+        if chat is not None and len(chat.prompts) != n:
+            raise ValueError(f"{len(chat.prompts)} chat prompts for {n} completions: one per completion")
         table = torch.full((n, len(self.funcs)), float("nan"), dtype=torch.float32)
         errors = dict.fromkeys(self.names, 0)
         not_applicable = dict.fromkeys(self.names, 0)
+        chat_completions = None
         for j, (fn, name) in enumerate(zip(self.funcs, self.names, strict=True)):
-            values, bad = self._call_one(fn, name, prompts, completions, columns)
+            if wants_chat(fn, self.completion_format, chat is not None and chat.from_data):
+                if chat is None:
+                    raise ValueError(f"reward function {name!r} takes TRL's conversational format, but this batch "
+                                     "has no chat messages for its prompts (GainRLDataModule batches carry them as "
+                                     "`prompt_messages`)")
+                chat_completions = chat_completions or as_chat_completions(completions)
+                values, bad = self._call_one(fn, name, chat.prompts, chat_completions, columns, hint="")
+            else:
+                values, bad = self._call_one(fn, name, prompts, completions, columns, hint=_TEXT_HINT)
             for i, value in enumerate(values):
                 table[i, j] = float("nan") if value is None else value
             errors[name] = bad
@@ -183,12 +268,16 @@ class RewardComputer:
         )
         raise err from cause
 
-    def _call_one(self, fn, name, prompts, completions, columns) -> tuple[list[float | None], int]:
-        """One function on the batch -> (values with None kept, number of samples zeroed)."""
+    def _call_one(self, fn, name, prompts, completions, columns, hint: str) -> tuple[list[float | None], int]:
+        """One function on the batch -> (values with None kept, number of samples zeroed).
+
+        `hint` is added to the message when the function raises a TypeError/KeyError/IndexError: the text
+        view's hint says what to set when a function expected chat messages.
+        """
         try:
             raw = fn(prompts=prompts, completions=completions, **columns)
         except Exception as batch_err:
-            return self._locate_failure(fn, name, prompts, completions, columns, batch_err)
+            return self._locate_failure(fn, name, prompts, completions, columns, batch_err, hint)
         return self._validate(name, raw, completions)
 
     def _validate(self, name, raw, completions, offset: int = 0) -> tuple[list[float | None], int]:
@@ -219,7 +308,7 @@ class RewardComputer:
                 bad += 1
         return values, bad
 
-    def _locate_failure(self, fn, name, prompts, completions, columns, batch_err: Exception):
+    def _locate_failure(self, fn, name, prompts, completions, columns, batch_err: Exception, hint: str = ""):
         """The batch call raised: call sample by sample to name the failing samples (and zero only those).
 
         This costs N more calls, but only on the error path, and turns "something in the batch" into the
@@ -239,7 +328,8 @@ class RewardComputer:
                     self._fail(
                         name,
                         f"raised {type(err).__name__}: {err} on sample {i} (completion "
-                        f"{completion_text(completions[i])[:80]!r})",
+                        f"{completion_text(completions[i])[:80]!r})"
+                        + (hint if isinstance(err, (TypeError, KeyError, IndexError)) else ""),
                         index=i,
                         cause=err,
                     )
@@ -254,7 +344,8 @@ class RewardComputer:
                 self._fail(
                     name,
                     f"raised {type(batch_err).__name__}: {batch_err} on the batch of {n} "
-                    "(each sample alone succeeds)",
+                    "(each sample alone succeeds)"
+                    + (hint if isinstance(batch_err, (TypeError, KeyError, IndexError)) else ""),
                     cause=batch_err,
                 )
             return [0.0] * n, n
@@ -262,8 +353,10 @@ class RewardComputer:
 
 
 __all__ = [
-    "DEFAULT_TIMEOUT_SECONDS", "MAX_ANSWER_CHARS", "MAX_ANSWER_NESTING", "REWARD_FUNCTIONS", "FormatReward",
+    "ANSWER_EXTRACTIONS", "COMPLETION_FORMATS", "DEFAULT_ANSWER_EXTRACTION", "DEFAULT_TIMEOUT_SECONDS",
+    "MAX_ANSWER_CHARS", "MAX_ANSWER_NESTING", "REWARD_FUNCTIONS", "AccuracyReward", "ChatInputs", "FormatReward",
     "LengthPenalty", "RewardComputer", "RewardFunction", "RewardFunctionError", "RewardOutput", "accuracy_reward",
-    "answers_match", "completion_text", "extract_boxed", "extract_gsm8k_answer", "extract_prediction",
-    "format_reward", "get_reward_function", "gold_answer", "last_number", "length_penalty",
+    "answers_match", "as_chat_completions", "completion_text", "extract_boxed", "extract_gsm8k_answer",
+    "extract_prediction", "format_reward", "get_reward_function", "gold_answer", "last_number", "length_penalty",
+    "wants_chat",
 ]

@@ -12,13 +12,17 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gainrl_pl.rewards import (
+    ANSWER_EXTRACTIONS,
     REWARD_FUNCTIONS,
+    AccuracyReward,
+    ChatInputs,
     FormatReward,
     LengthPenalty,
     RewardComputer,
     RewardFunctionError,
     accuracy_reward,
     answers_match,
+    as_chat_completions,
     completion_text,
     extract_boxed,
     extract_gsm8k_answer,
@@ -27,6 +31,7 @@ from gainrl_pl.rewards import (
     get_reward_function,
     gold_answer,
     last_number,
+    wants_chat,
 )
 
 
@@ -72,7 +77,9 @@ def test_gsm8k_last_number_and_prediction():
     assert last_number("the ratio is 3/4.") == "3/4"
     assert last_number("no digits") is None
     assert extract_prediction(r"try 5 \boxed{6} then 7") == "6"  # a box wins over later numbers
-    assert extract_prediction("so the answer is 18.") == "18"
+    assert extract_prediction(r"try 5 \boxed{6} then 7", "flexible") == "6"  # under both rules
+    assert extract_prediction("so the answer is 18.", "flexible") == "18"
+    assert extract_prediction("so the answer is 18.") is None  # the default is the paper's rule: boxed only
     assert gold_answer("blah\n#### 72") == "72" and gold_answer(r"so $\boxed{\pi}$") == r"\pi"
     assert gold_answer(3) == "3" and gold_answer(None) is None and gold_answer("  ") is None
 
@@ -167,7 +174,10 @@ def test_accuracy_reward():
         "anything",
     ]
     answers = ["#### 18", "1234", r"\frac{1}{2}", "18", "5", None]
-    assert accuracy_reward(["p"] * 6, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0, None]
+    flexible = AccuracyReward("flexible")
+    assert flexible(["p"] * 6, completions, answer=answers) == [1.0, 1.0, 1.0, 0.0, 0.0, None]
+    # boxed (the default): the unboxed "1,234" is no answer
+    assert accuracy_reward(["p"] * 6, completions, answer=answers) == [1.0, 0.0, 1.0, 0.0, 0.0, None]
     with pytest.raises(ValueError, match="needs the dataset column `answer`.*question"):
         accuracy_reward(["p"], ["x"], question=["q"])
 
@@ -292,7 +302,7 @@ def test_batch_only_failure_and_duplicate_names():
     with pytest.raises(RewardFunctionError, match="on the batch of 2 .each sample alone succeeds"):
         RewardComputer([batch_only])(["p"] * 2, ["x", "y"])
     out = RewardComputer([batch_only, "accuracy", "accuracy"], on_error="zero")(
-        ["p"] * 2, ["1", "2"], answer=["1", "1"]
+        ["p"] * 2, ["\\boxed{1}", "\\boxed{2}"], answer=["1", "1"]
     )
     assert (
         out.names == ["batch_only", "accuracy_reward", "accuracy_reward_2"] and out.errors["batch_only"] == 2
@@ -316,3 +326,129 @@ def test_boxed_round_trip(content, prefix):
 def test_thousands_separated_numbers_round_trip(n):
     assert last_number(f"total: {n:,} units") == str(n)
     assert answers_match(str(n), f"{n:,}")
+
+
+# ----------------------------------------------------------------------------------------------- answer extraction rules
+ISSUE_EXAMPLE = "Step 1: 7, step 2: 9"  # the last number is an intermediate step that equals the gold
+
+
+@pytest.mark.parametrize(
+    "text, boxed, flexible",
+    [
+        (ISSUE_EXAMPLE, None, "9"),
+        (r"Step 1: 7, so \boxed{7}. Step 2: 9", "7", "7"),  # a box is the chosen answer under both rules
+        (r"\boxed{1} then \boxed{9", None, None),  # a cut-off last box is no answer, not the earlier one
+        ("no number at all", None, None),
+        ([{"role": "assistant", "content": "it is 9"}], None, "9"),  # TRL's chat format
+    ],
+)
+def test_extraction_rules_say_what_they_accept(text, boxed, flexible):
+    assert ANSWER_EXTRACTIONS == ("boxed", "flexible")
+    assert extract_prediction(text, "boxed") == boxed
+    assert extract_prediction(text, "flexible") == flexible
+    assert extract_prediction(text) == boxed  # boxed (the paper's rule) is the default
+
+
+def test_the_issue_example_earns_nothing_under_boxed():
+    assert AccuracyReward("boxed")(["p"], [ISSUE_EXAMPLE], answer=["9"]) == [0.0]
+    assert AccuracyReward("flexible")(["p"], [ISSUE_EXAMPLE], answer=["9"]) == [1.0]
+    assert accuracy_reward(["p"], [ISSUE_EXAMPLE], answer=["9"]) == [0.0]
+    with pytest.raises(ValueError, match="answer_extraction='lenient'.*boxed, flexible"):
+        extract_prediction("9", "lenient")
+    with pytest.raises(ValueError, match="boxed, flexible"):
+        AccuracyReward("lenient")
+
+
+def test_the_run_option_reaches_the_built_in_accuracy_reward():
+    """One option for training and validation: RewardComputer binds it into every built-in accuracy reward."""
+    for spec in ("accuracy", "accuracy_reward", "gainrl_pl.reward_functions.accuracy_reward", AccuracyReward):
+        for extraction, expected in (("flexible", 1.0), ("boxed", 0.0)):
+            computer = RewardComputer([spec], answer_extraction=extraction)
+            assert computer(["p"], [ISSUE_EXAMPLE], answer=["9"]).total.tolist() == [expected], (spec, extraction)
+            assert computer.funcs[0].extraction == extraction
+    assert accuracy_reward.extraction is None  # the shared built-in itself is never changed
+    # no run option: the function's own choice, else boxed
+    assert RewardComputer([AccuracyReward("flexible")])(["p"], [ISSUE_EXAMPLE], answer=["9"]).total.tolist() == [1.0]
+    assert RewardComputer(["accuracy"])(["p"], [ISSUE_EXAMPLE], answer=["9"]).total.tolist() == [0.0]
+    with pytest.raises(ValueError, match="extraction='boxed' but the run says answer_extraction='flexible'"):
+        RewardComputer([AccuracyReward("boxed")], answer_extraction="flexible")
+
+
+# ----------------------------------------------------------------------------------------------- TRL's chat format
+def trl_style_reward(completions, solution, **kwargs):
+    """Written as TRL's own reward functions are: reads completion[0]["content"] and a `solution` column."""
+    return [1.0 if c[0]["content"].strip().endswith(s) else 0.0 for c, s in zip(completions, solution, strict=True)]
+
+
+def test_as_chat_completions_is_trls_format():
+    assert as_chat_completions(["a", "b"]) == [[{"role": "assistant", "content": "a"}],
+                                               [{"role": "assistant", "content": "b"}]]
+    already = [[{"role": "assistant", "content": "a"}]]
+    assert as_chat_completions(already) == already
+
+
+def test_chat_view_goes_to_functions_when_the_data_is_conversational():
+    seen = {}
+
+    def spy(prompts, completions, **columns):
+        seen["prompts"], seen["completions"] = prompts, completions
+        return [0.0] * len(completions)
+
+    chat_prompts = [[{"role": "user", "content": "What is 4 + 5?"}]] * 2
+    texts = ["so 9", "so 8"]
+    computer = RewardComputer([trl_style_reward, spy, "accuracy"], answer_extraction="flexible")
+    out = computer(["<rendered>"] * 2, texts, ChatInputs(chat_prompts, from_data=True), solution=["9", "9"],
+                   answer=["9", "9"])
+    assert out.per_function[:, 0].tolist() == [1.0, 0.0]  # TRL-style function ran unchanged
+    assert out.per_function[:, 2].tolist() == [1.0, 0.0]  # ours reads both formats
+    assert seen["prompts"] == chat_prompts
+    assert seen["completions"] == [[{"role": "assistant", "content": t}] for t in texts]
+
+    # data given as text: TRL passes strings, and a chat-only function fails with a hint saying what to set
+    with pytest.raises(RewardFunctionError, match="completion_format='conversational'"):
+        computer(["<rendered>"] * 2, texts, ChatInputs(chat_prompts, from_data=False), solution=["9", "9"],
+                 answer=["9", "9"])
+    # ...which works: the run's option, or the function's own attribute
+    forced = RewardComputer([trl_style_reward], completion_format="conversational")
+    assert forced(["p"] * 2, texts, ChatInputs(chat_prompts), solution=["9", "9"]).total.tolist() == [1.0, 0.0]
+
+    def asks(completions, solution, **kwargs):
+        return trl_style_reward(completions, solution)
+
+    asks.completion_format = "conversational"
+    assert RewardComputer([asks])(["p"] * 2, texts, ChatInputs(chat_prompts), solution=["9", "9"]).total.tolist() == [
+        1.0, 0.0]
+    with pytest.raises(ValueError, match="no chat messages"):
+        RewardComputer([asks])(["p"] * 2, texts, solution=["9", "9"])
+    # text forced: strings even for a conversational dataset
+    seen.clear()
+    RewardComputer([spy], completion_format="text")(["p"] * 2, texts, ChatInputs(chat_prompts, from_data=True))
+    assert seen["completions"] == texts and seen["prompts"] == ["p", "p"]
+    with pytest.raises(ValueError, match="completion_format='chat'.*auto, text, conversational"):
+        RewardComputer(["accuracy"], completion_format="chat")
+
+
+def test_a_dataset_column_cannot_shadow_the_chat_view():
+    # `chat` is positional-only in RewardComputer.__call__: a dataset column of that name is just a column
+    got = {}
+
+    def fn(prompts, completions, chat, **columns):
+        got["chat"] = chat
+        return [1.0] * len(completions)
+
+    RewardComputer([fn])(["p"], ["x"], chat=["a column value"])
+    assert got["chat"] == ["a column value"]
+
+
+@pytest.mark.parametrize("attr, fmt, data, expected", [
+    (None, "auto", True, True), (None, "auto", False, False), (None, "text", True, False),
+    (None, "conversational", False, True), ("text", "conversational", True, False),
+    ("conversational", "text", False, True),
+])
+def test_wants_chat_precedence(attr, fmt, data, expected):
+    def fn(prompts, completions, **columns):
+        return []
+
+    if attr:
+        fn.completion_format = attr
+    assert wants_chat(fn, fmt, data) is expected
