@@ -15,8 +15,8 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader
 
-from gainrl_pl.data import DATASET_PRESETS, build_examples, load_rows, resolve_data_path
-from gainrl_pl.prompts import PromptTooLongError, build_prompt, get_prompt_template
+from gainrl_pl.data import DATASET_PRESETS, DataError, build_examples, load_rows, resolve_data_path
+from gainrl_pl.prompts import PromptTooLongError, build_chat_prompt, build_prompt, get_prompt_template
 from gainrl_pl.sampling import SAMPLER_NAMES, build_sampler
 
 
@@ -68,10 +68,14 @@ class GainRLDataModule(pl.LightningDataModule):
         train_data: Training rows: a JSON/JSONL/Parquet/CSV file, a saved `datasets` directory, or a hub id.
         val_data: Validation rows (same formats); `null` = no validation.
         test_data: Test rows for `gainrl-pl test`; `null` = use `val_data`.
-        preset: Dataset preset that names the fields and parses answers (`gsm8k`, `math`, `arithmetic`, ...).
-        question_field: Override the preset's question column.
+        preset: Dataset preset that names the fields and parses answers (`gsm8k`, `math`, `arithmetic`, `trl` =
+            TRL's `prompt` + `solution` columns, ...).
+        question_field: Override the preset's question column. It may hold text, or chat messages (TRL's
+            conversational format: a list of `{"role", "content"}` ending with the user's question), which are
+            rendered as they are: the last user turn is the question for the angle score, earlier turns the prefix.
         answer_field: Override the preset's answer column.
-        prompt: Prompt preset (`paper`: R1-style system prompt + one worked example; `plain`; `none`).
+        prompt: Prompt preset (`paper`: R1-style system prompt + one worked example; `plain`; `none`) for
+            questions given as text; chat-message rows keep their own messages.
         system_prompt: Override the preset's system prompt (`null` keeps it).
         tokenizer: Tokenizer to build prompts with (linked to `model.model_name_or_path` by the CLI).
         trust_remote_code: Allow custom tokenizer code (linked to the model's setting).
@@ -157,21 +161,30 @@ class GainRLDataModule(pl.LightningDataModule):
             examples = [examples[i] for i in keep]
         if limit is not None:
             examples = examples[:limit]
+        _check_one_prompt_kind(examples, source)
         items, too_long = [], 0
         for ex in examples:
+            messages = ex.messages if ex.messages is not None else self.template.messages(ex.question)
             try:
-                seg = build_prompt(self.tokenizer, ex.question, self.template, max_length=self.hparams.max_prompt_length)
+                if ex.messages is not None:  # TRL's conversational format: rendered as it is
+                    seg = build_chat_prompt(self.tokenizer, ex.messages, max_length=self.hparams.max_prompt_length)
+                else:
+                    seg = build_prompt(self.tokenizer, ex.question, self.template,
+                                       max_length=self.hparams.max_prompt_length)
             except PromptTooLongError:
                 too_long += 1
                 continue
             columns = {**ex.columns, "answer": ex.answer}
+            # prompt_messages / conversational: what reward functions written for TRL's chat format receive
             items.append({"index": ex.index, "input_ids": seg.input_ids, "prompt": seg.text,
                           "question": ex.question, "question_tokens": seg.num_question_tokens,
-                          "segments": seg, "columns": columns})
+                          "segments": seg, "columns": columns, "prompt_messages": messages,
+                          "conversational": ex.messages is not None})
         if not items:
             raise ValueError(f"{name} data {source!r} has no usable rows ({len(rows)} rows, {too_long} over "
                              f"max_prompt_length={self.hparams.max_prompt_length}); check the fields and the limit")
-        summary = {"rows": len(rows), "used": len(items), "too_long": too_long, **report.as_dict()}
+        summary = {"rows": len(rows), "used": len(items), "too_long": too_long,
+                   "conversational": examples[0].messages is not None if examples else False, **report.as_dict()}
         return items, summary
 
     def setup(self, stage: str | None = None) -> None:
@@ -236,6 +249,8 @@ class GainRLDataModule(pl.LightningDataModule):
         return {"input_ids": ids, "attention_mask": mask,
                 "index": torch.tensor([it["position"] for it in items]),
                 "prompt": [it["prompt"] for it in items],
+                "prompt_messages": [it["prompt_messages"] for it in items],
+                "conversational": [it["conversational"] for it in items],
                 "is_padding": torch.tensor([it.get("is_padding", False) for it in items]),
                 "columns": {k: [it["columns"].get(k) for it in items] for k in keys}}
 
@@ -286,3 +301,14 @@ class GainRLDataModule(pl.LightningDataModule):
         if state.get("ranking") is not None:
             self.set_ranking(state["ranking"])
         self.sampler.load_state_dict(state["sampler"])
+
+
+def _check_one_prompt_kind(examples, source: str) -> None:
+    """A dataset's prompts are all text or all chat messages: TRL decides the reward format once per dataset."""
+    kinds = {}
+    for ex in examples:
+        kinds.setdefault(ex.messages is not None, ex.index)
+        if len(kinds) == 2:
+            raise DataError(f"{source}: row {kinds[True]} holds chat messages but row {kinds[False]} a text question; "
+                            "a dataset's prompts must all be one or the other (convert the text rows to "
+                            '[{"role": "user", "content": ...}])')

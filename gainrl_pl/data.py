@@ -26,7 +26,7 @@ from gainrl_pl.data_loading import (
     resolve_data_path,
     snippet,
 )
-from gainrl_pl.prompts import invalid_unicode_position
+from gainrl_pl.prompts import invalid_unicode_position, question_turn
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -78,6 +78,9 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
     "amc": DatasetPreset("problem", "answer", "latex"),  # AMC answers are JSON numbers (142.0 -> "142")
     "arithmetic": DatasetPreset("question", "answer", "identity"),
     "generic": DatasetPreset("question", "answer", "identity"),
+    # TRL's layout: `prompt` (text, or chat messages: TRL's conversational format) and `solution`, which
+    # reward functions such as trl.rewards.accuracy_reward read; `answer` carries the same text for ours
+    "trl": DatasetPreset("prompt", "solution", "latex"),
     # code rows (prompt, tests, entry_point): the tests stand in the answer column; see gainrl_pl.code_data
     "code": DatasetPreset("prompt", "tests", "identity"),
 }
@@ -90,15 +93,20 @@ class Example:
 
     Attributes:
         index: The row's index in the source (position in `load_rows`' list), so reports and scores map back.
-        question: The question text, surrounding whitespace stripped; never empty.
+        question: The question text, surrounding whitespace stripped; never empty. For a conversational row,
+            the content of its last (user) message.
         answer: The gold final answer as text (parsed by the preset; numbers converted); never empty.
-        columns: The row's other fields, converted to JSON-able values (passed to reward functions).
+        columns: The row's other fields, converted to JSON-able values (passed to reward functions). An answer
+            column not named `answer` is kept here too, as it was (TRL's functions read e.g. `solution`).
+        messages: For a conversational row (the question field holds chat messages, TRL's format): the
+            messages, rendered as they are; None for a question given as text.
     """
 
     index: int
     question: str
     answer: str
     columns: dict[str, Any] = field(default_factory=dict)
+    messages: list[dict[str, Any]] | None = None
 
 
 @dataclass
@@ -192,6 +200,15 @@ def _check_row(row: Any, preset: DatasetPreset, max_question_chars: int | None) 
     if a_field not in row:
         return "missing_answer_field", a_field, _field_names(row)
     question, raw_answer = row[q_field], row[a_field]
+    messages = None
+    if isinstance(question, list):  # TRL's conversational format: the question is the last (user) turn
+        try:
+            messages = [_jsonable(m) for m in question]
+            question = messages[question_turn(messages)]["content"]
+        except (ValueError, RecursionError):
+            return "question_messages_malformed", q_field, question
+        if any(invalid_unicode_position(m["content"]) is not None for m in messages):
+            return "question_invalid_unicode", q_field, row[q_field]
     if not isinstance(question, str):
         return "question_not_text", q_field, question
     if _is_blank(question):
@@ -213,13 +230,14 @@ def _check_row(row: Any, preset: DatasetPreset, max_question_chars: int | None) 
     keep = preset.extra_fields
     columns = {}
     for k, v in row.items():
-        if k in (q_field, a_field) or (keep is not None and k not in keep):
+        # the answer column keeps its own name too unless that is `answer` (which holds the parsed gold)
+        if k == q_field or k == "answer" == a_field or (keep is not None and k not in keep and k != a_field):
             continue
         try:
             columns[str(k)] = _jsonable(v)
         except RecursionError:  # a cell nested ~1000 deep (JSON allows it) exhausts the recursive conversion
             return "column_too_nested", str(k), v
-    return Example(-1, question.strip(), answer.strip(), columns)
+    return Example(-1, question.strip(), answer.strip(), columns, messages)
 
 
 _FIXES = {
@@ -228,6 +246,8 @@ _FIXES = {
     "missing_answer_field": "set answer_field to the column that holds the final answer",
     "answer_unparseable": "check answer_parser (gsm8k answers end with '#### <number>') or the answer_field",
     "not_an_object": "every row must be an object (dict) holding the question and answer fields",
+    "question_messages_malformed": "a chat-message prompt must be a list of {'role': str, 'content': str} messages "
+                                   "ending with the user turn that asks the question",
     "question_invalid_unicode": "the text holds a lone surrogate (a \\ud800-style JSON escape): fix that row",
     "answer_invalid_unicode": "the text holds a lone surrogate (a \\ud800-style JSON escape): fix that row",
 }

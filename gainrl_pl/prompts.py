@@ -4,12 +4,15 @@ A prompt is rendered by the tokenizer's own chat template; the question's tokens
 tokenizer's character offsets, never from hard-coded token counts (the reference code's fixed offset
 of 110 tokens is exactly the defect this avoids). Template tokens around the question belong to the
 prefix (`<|im_start|>user\\n`) and the suffix (`<|im_end|>\\n<|im_start|>assistant\\n`).
+A question comes as text (rendered with a `PromptTemplate`: `build_prompt`) or as a conversation in TRL's
+format (rendered as it is, the question being its last user turn: `build_chat_prompt`).
 """
 
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, field
+from typing import Any
 
 _QUESTION = "{question}"
 
@@ -128,17 +131,19 @@ def _render(tokenizer, messages: list[dict[str, str]]) -> str:
     return text
 
 
-def _question_char_span(tokenizer, text: str, question: str, template: PromptTemplate) -> tuple[int, int]:
+_MARKER = "\u2063GAINRL_QUESTION\u2063"
+
+
+def _question_char_span(tokenizer, text: str, question: str, marker_messages: list[dict]) -> tuple[int, int]:
     """Where the question's characters are in the rendered prompt.
 
-    Render once more with a placeholder in the question's place: everything the template puts before
-    the question is then known, and the search starts there, so an identical string in the system
-    prompt or a few-shot turn is never mistaken for the question. Templates that trim message content
+    `marker_messages` are the prompt's messages with a placeholder in the question's place. Rendering them
+    tells where the template puts the question, and the search starts there, so an identical string in the
+    system prompt or a few-shot turn is never mistaken for the question. Templates that trim message content
     are fine because the question is stripped before rendering.
     """
-    marker = "\u2063GAINRL_QUESTION\u2063"
-    rendered = _render(tokenizer, template.messages(marker))
-    cut = rendered.find(marker)
+    rendered = _render(tokenizer, marker_messages)
+    cut = rendered.find(_MARKER)
     start = 0
     if cut >= 0 and text.startswith(rendered[:cut]):
         start = cut
@@ -163,6 +168,17 @@ def invalid_unicode_position(text: str) -> int | None:
     return None
 
 
+def _check_question(question: Any) -> str:
+    """The question stripped, or a ValueError for an empty one or one that is not valid Unicode."""
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError(f"question={question!r} is empty or whitespace only; a prompt needs a question")
+    bad = invalid_unicode_position(question)
+    if bad is not None:  # a lone surrogate: the tokenizer's own TypeError would not say where
+        raise ValueError(f"question {question[:80]!r} is not valid Unicode (a lone surrogate at character {bad}); "
+                         "fix or drop the row (files loaded by the DataModule skip such rows and count them)")
+    return question.strip()
+
+
 def build_prompt(tokenizer, question: str, template: PromptTemplate, *,
                  max_length: int | None = None) -> PromptSegments:
     """Render `question` with `template` and the tokenizer's chat template, and find its segments.
@@ -176,15 +192,52 @@ def build_prompt(tokenizer, question: str, template: PromptTemplate, *,
         ValueError: empty or whitespace-only question, or a template that hides the question's text.
         PromptTooLongError: the prompt has more than `max_length` tokens.
     """
-    if not isinstance(question, str) or not question.strip():
-        raise ValueError(f"question={question!r} is empty or whitespace only; a prompt needs a question")
-    bad = invalid_unicode_position(question)
-    if bad is not None:  # a lone surrogate: the tokenizer's own TypeError would not say where
-        raise ValueError(f"question {question[:80]!r} is not valid Unicode (a lone surrogate at character {bad}); "
-                         "fix or drop the row (files loaded by the DataModule skip such rows and count them)")
-    question = question.strip()
-    text = _render(tokenizer, template.messages(question))
-    q0, q1 = _question_char_span(tokenizer, text, question, template)
+    question = _check_question(question)
+    return _segments(tokenizer, template.messages(question), question, template.messages(_MARKER), max_length)
+
+
+def question_turn(messages: Any) -> int:
+    """Index of the question in a conversation: its last message, which must be a user turn with text.
+
+    Raises:
+        ValueError: not a non-empty list of `{"role": str, "content": str}` messages ending with a user turn.
+    """
+    if not isinstance(messages, list) or not messages:
+        raise ValueError(f"a conversational prompt is a non-empty list of chat messages, got {messages!r:.80}")
+    for i, message in enumerate(messages):
+        if not (isinstance(message, dict) and isinstance(message.get("role"), str)
+                and isinstance(message.get("content"), str)):
+            raise ValueError(f"message {i} of a conversational prompt is not a {{'role': str, 'content': str}} "
+                             f"dict: {message!r:.80}")
+    if messages[-1]["role"] != "user":
+        raise ValueError(f"a conversational prompt must end with the user turn that asks the question; its last "
+                         f"message has role {messages[-1]['role']!r}")
+    return len(messages) - 1
+
+
+def build_chat_prompt(tokenizer, messages: list[dict[str, Any]], *, max_length: int | None = None) -> PromptSegments:
+    """Render a conversation (TRL's conversational `prompt`) as it is, and find its segments.
+
+    The question is the content of the last message, a user turn (surrounding whitespace aside): its
+    tokens are found from the tokenizer's character offsets exactly as in `build_prompt`. Everything
+    before it (system prompt, few-shot turns, template tokens) is the prefix; the template tokens after it
+    and the generation prompt are the suffix. The messages are rendered unchanged (no prompt preset).
+
+    Raises:
+        ValueError: malformed messages (see `question_turn`), an empty question, or a template that hides it.
+        PromptTooLongError: the prompt has more than `max_length` tokens.
+    """
+    last = question_turn(messages)
+    content = messages[last]["content"]
+    question = _check_question(content)
+    marker_messages = [*messages[:last], {**messages[last], "content": content.replace(question, _MARKER, 1)}]
+    return _segments(tokenizer, messages, question, marker_messages, max_length)
+
+
+def _segments(tokenizer, messages: list[dict], question: str, marker_messages: list[dict],
+              max_length: int | None) -> PromptSegments:
+    text = _render(tokenizer, messages)
+    q0, q1 = _question_char_span(tokenizer, text, question, marker_messages)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as err:  # slow (Python) tokenizers have no offset mapping

@@ -293,3 +293,92 @@ def test_build_examples_never_crashes_or_yields_empty(rows, preset, mode):
         assert isinstance(ex.answer, str) and ex.answer.strip()
         ex.question.encode("utf-8")
         json.dumps(ex.columns)
+
+
+# --------------------------------------------------------------------------------------- TRL's conversational rows
+CHAT_ROWS = [
+    {"prompt": [{"role": "system", "content": "Reason, then box the answer."},
+                {"role": "user", "content": " What is 2 + 2? "}], "solution": "\\boxed{4}", "level": 1},
+    {"prompt": [{"role": "user", "content": "What is 3 times 3?"}], "solution": "9", "level": 2},
+]
+
+
+def test_conversational_rows_are_accepted_with_their_columns():
+    examples, report = build_examples(CHAT_ROWS, "trl")
+    assert report.kept == 2 and DATASET_PRESETS["trl"].question_field == "prompt"
+    first = examples[0]
+    assert first.question == "What is 2 + 2?"  # the last user turn, stripped
+    assert first.messages == CHAT_ROWS[0]["prompt"]  # kept as given, rendered as they are
+    assert first.answer == "\\boxed{4}"
+    # the answer column keeps its own name (TRL's reward functions read `solution`), the others stay as they are
+    assert first.columns == {"solution": "\\boxed{4}", "level": 1}
+    assert examples[1].messages == CHAT_ROWS[1]["prompt"] and examples[1].question == "What is 3 times 3?"
+    text_examples, _ = build_examples(ROWS, "generic")
+    assert all(ex.messages is None for ex in text_examples)
+    assert "answer" not in text_examples[0].columns  # an `answer` column is the parsed gold, added by the callers
+
+
+@pytest.mark.parametrize("prompt", [
+    [],
+    [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],  # does not end with the question
+    [{"role": "user"}],
+    [{"role": "user", "content": None}],
+    ["What is 2 + 2?"],
+])
+def test_malformed_conversations_are_skipped_and_counted_or_named(prompt):
+    rows = [CHAT_ROWS[1], {"prompt": prompt, "solution": "1"}]
+    examples, report = build_examples(rows, "trl", on_bad_row="skip")
+    assert len(examples) == 1 and report.skipped == {"question_messages_malformed": 1}
+    with pytest.raises(DataError, match=r"row 1 .*question messages malformed.*'prompt'.*ending with the user turn"):
+        build_examples(rows, "trl")
+
+
+def test_blank_or_invalid_last_turn_is_reported_like_a_text_question():
+    rows = [{"prompt": [{"role": "user", "content": " \u200b "}], "solution": "1"},
+            {"prompt": [{"role": "system", "content": "x\ud800"}, {"role": "user", "content": "q"}], "solution": "1"}]
+    _, report = build_examples(rows, "trl", on_bad_row="skip")
+    assert report.skipped == {"question_empty": 1, "question_invalid_unicode": 1}
+
+
+def test_datamodule_renders_conversations_and_carries_their_messages(tiny_model_dir, tmp_path):
+    from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+
+    path = tmp_path / "chat.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    dm = GainRLDataModule(train_data=str(path), preset="trl", prompt="paper", tokenizer=str(tiny_model_dir),
+                          prompts_per_step=2, schedule=ScheduleSettings(name="uniform", subset_size=2))
+    dm.setup("fit")
+    assert dm.summary["train"]["conversational"] is True
+    item = dm.train_set[0]
+    seg = item["segments"]
+    tok = dm.tokenizer
+    assert item["prompt"] == tok.apply_chat_template(CHAT_ROWS[0]["prompt"], tokenize=False,
+                                                     add_generation_prompt=True)
+    assert "2+2" not in item["prompt"]  # the paper preset's worked example is not added to a conversation
+    assert tok.decode(seg.input_ids[slice(*seg.question)]).strip() == "What is 2 + 2?"
+    assert "Reason, then box the answer." in tok.decode(seg.input_ids[slice(*seg.prefix)])
+    batch = dm.collate(dm._with_positions(dm.train_set))
+    assert batch["prompt_messages"] == [r["prompt"] for r in CHAT_ROWS] and batch["conversational"] == [True, True]
+    assert batch["columns"]["solution"] == ["\\boxed{4}", "9"] and batch["columns"]["answer"] == ["\\boxed{4}", "9"]
+
+    # a text dataset: the messages the preset rendered, flagged as not conversational
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    dm = GainRLDataModule(train_data=str(text), preset="generic", prompt="none", tokenizer=str(tiny_model_dir),
+                          prompts_per_step=2, schedule=ScheduleSettings(name="uniform", subset_size=2))
+    dm.setup("fit")
+    batch = dm.collate(dm._with_positions(dm.train_set))
+    assert batch["prompt_messages"][0] == [{"role": "user", "content": "What is 2 + 2?"}]
+    assert batch["conversational"] == [False, False] and dm.summary["train"]["conversational"] is False
+
+
+def test_a_dataset_mixing_text_and_chat_prompts_is_refused(tiny_model_dir, tmp_path):
+    from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+
+    path = tmp_path / "mixed.jsonl"
+    rows = [CHAT_ROWS[1], {"prompt": "What is 1 + 1?", "solution": "2"}]
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    dm = GainRLDataModule(train_data=str(path), preset="trl", tokenizer=str(tiny_model_dir),
+                          prompts_per_step=2, schedule=ScheduleSettings(name="uniform", subset_size=2))
+    with pytest.raises(DataError, match="row 0 holds chat messages but row 1 a text question"):
+        dm.setup("fit")

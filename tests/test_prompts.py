@@ -8,6 +8,7 @@ from gainrl_pl.prompts import (
     PROMPT_PRESETS,
     PromptTemplate,
     PromptTooLongError,
+    build_chat_prompt,
     build_prompt,
     get_prompt_template,
 )
@@ -118,6 +119,53 @@ def test_template_that_rewrites_content_is_a_clear_error(tiny_tokenizer):
                                                                                "message['content'] | upper"))
     with pytest.raises(ValueError, match="could not locate the question .* chat template"):
         build_prompt(tok, QUESTION, get_prompt_template("none"))
+
+
+# ----------------------------------------------------------------------------------------------- conversations
+@pytest.mark.parametrize("preset", ["paper", "none"])
+def test_a_conversation_segments_as_the_same_prompt_built_from_a_template(tiny_tokenizer, preset):
+    """TRL's conversational rows: the messages a preset would render give the very same prompt and segments."""
+    template = get_prompt_template(preset)
+    assert build_chat_prompt(tiny_tokenizer, template.messages(QUESTION)) == build_prompt(tiny_tokenizer, QUESTION,
+                                                                                          template)
+
+
+def test_a_conversation_question_is_its_whole_last_user_turn(tiny_tokenizer):
+    # with the `plain` preset our template knows where the question ends inside the user turn; in a
+    # conversation nothing says so, and the whole turn (instruction included) is the question segment
+    messages = get_prompt_template("plain").messages(QUESTION)
+    seg = build_chat_prompt(tiny_tokenizer, messages)
+    assert _parts(tiny_tokenizer, seg)[1].strip() == messages[-1]["content"]
+    assert seg.text == build_prompt(tiny_tokenizer, QUESTION, get_prompt_template("plain")).text
+
+
+def test_conversation_question_is_the_last_user_turn(tiny_tokenizer):
+    messages = [{"role": "system", "content": "Solve it."},
+                {"role": "user", "content": QUESTION},  # the same text in an earlier turn: a few-shot copy
+                {"role": "assistant", "content": "She sold 72. \\boxed{72}"},
+                {"role": "user", "content": "  " + QUESTION + "\n"}]
+    seg = build_chat_prompt(tiny_tokenizer, messages)
+    assert seg.text == tiny_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    prefix, question, suffix = _parts(tiny_tokenizer, seg)
+    assert question.strip() == QUESTION and seg.text[slice(*seg.question_chars)] == QUESTION
+    assert prefix.count(QUESTION) == 1 and "Solve it." in prefix and "boxed{72}" in prefix  # earlier turns
+    assert prefix.rstrip(" ").endswith("<|im_start|>user\n") and suffix.endswith(GENERATION_PROMPT)
+    assert seg.num_tokens == len(tiny_tokenizer(seg.text, add_special_tokens=False)["input_ids"])
+    with pytest.raises(PromptTooLongError):
+        build_chat_prompt(tiny_tokenizer, messages, max_length=seg.num_tokens - 1)
+
+
+@pytest.mark.parametrize("messages, match", [
+    ([], "non-empty list"),
+    ("What is 2+2?", "non-empty list"),
+    ([{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "must end with the user turn"),
+    ([{"role": "user"}], "message 0 .*role"),
+    ([{"role": "user", "content": [{"type": "text", "text": "q"}]}], "message 0"),
+    ([{"role": "user", "content": "   "}], "empty"),
+])
+def test_malformed_conversations_are_clear_errors(tiny_tokenizer, messages, match):
+    with pytest.raises(ValueError, match=match):
+        build_chat_prompt(tiny_tokenizer, messages)
 
 
 @pytest.mark.slow
