@@ -92,17 +92,19 @@ def write_json_atomic(path: str | Path, data: Any) -> None:
     os.replace(tmp, path)
 
 
-def check_run_config(output_dir: str | Path, settings: dict[str, Any], *, replace: bool = False) -> None:
+def check_run_config(output_dir: str | Path, settings: dict[str, Any], *, replace: bool = False,
+                     legacy: dict[str, Any] | None = None) -> None:
     """Refuse to mix samples made with other settings; write `config.json` on the first run.
 
-    With `replace` (after `--overwrite`) the settings are written without comparing.
+    With `replace` (after `--overwrite`) the settings are written without comparing. `legacy` gives the
+    value a setting had before it was recorded: a `config.json` without that key is read as having it.
 
     Raises:
         ValueError: `config.json` exists with different settings (the message lists them).
     """
     path = Path(output_dir) / "config.json"
     if path.exists() and not replace:
-        saved = json.loads(path.read_text(encoding="utf-8"))
+        saved = {**(legacy or {}), **json.loads(path.read_text(encoding="utf-8"))}
         diff = {k: (saved.get(k), v) for k, v in settings.items() if saved.get(k) != v}
         if diff:
             shown = "; ".join(f"{k}: {old!r} there, {new!r} now" for k, (old, new) in diff.items())
@@ -167,7 +169,8 @@ def summarize(records: list[dict], *, num_samples: int, expected: int | None = N
             "missing": (expected - prompts) if expected is not None else 0}
 
 
-_COLUMNS = ("model", "benchmark", "n", "samples/prompt", "accuracy", "95% CI", "pass@k", "mean length (tokens)")
+_COLUMNS = ("model", "benchmark", "n", "samples/prompt", "accuracy", "95% CI", "pass@k", "mean length (tokens)",
+            "answer extraction")
 
 
 def markdown_row(summary: dict[str, Any]) -> str:
@@ -176,7 +179,9 @@ def markdown_row(summary: dict[str, Any]) -> str:
     pass_k = ", ".join(f"{k} {100 * v:.1f}%" for k, v in summary["pass_at_k"].items())
     cells = [f"`{summary.get('model')}`", str(summary.get("benchmark")), str(summary["prompts"]),
              str(summary["num_samples"]), f"{100 * summary['accuracy']:.1f}%",
-             f"[{100 * low:.1f}, {100 * high:.1f}]", pass_k, f"{summary['mean_length']:.1f}"]
+             f"[{100 * low:.1f}, {100 * high:.1f}]", pass_k, f"{summary['mean_length']:.1f}",
+             # summaries written before the option existed were all scored the flexible way
+             str(summary.get("answer_extraction", "flexible"))]
     return "| " + " | ".join(cells) + " |"
 
 

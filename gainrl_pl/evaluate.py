@@ -4,12 +4,17 @@
     gainrl-pl evaluate --checkpoint runs/demo/checkpoints/last.ckpt --benchmark gsm8k math500 --output runs/eval/demo
     gainrl-pl evaluate --adapter ADAPTER_DIR --num-samples 8 --temperature 0.6 --benchmark aime24 --output OUT
     gainrl-pl evaluate --model DIR --data my.jsonl --question-field q --answer-field a --output OUT
+    gainrl-pl evaluate --benchmark gsm8k --answer-extraction flexible --output OUT    # last box, else last number
     torchrun --nproc-per-node 4 -m gainrl_pl.evaluate --checkpoint X.ckpt --benchmark math500 --output OUT
 
 Each benchmark gets `OUT/<benchmark>/` with `samples.jsonl` (one line per prompt, appended as it goes, so
 a rerun resumes), `summary.json` and `summary.md`; `OUT/summary.md` tables every benchmark in OUT.
-Answers are checked by the training reward (`rewards.accuracy_reward`, math-verify). Decoding is greedy
-unless `--temperature` > 0; `--num-samples n` gives pass@1 and pass@n. Statistics: `eval_results.summarize`.
+Answers are checked by the training reward (`rewards.AccuracyReward`, math-verify), reading each answer as
+`--answer-extraction` says: `boxed` (default, the paper's rule: the last `\\boxed{}` only) or `flexible` (the
+last `\\boxed{}`, else the last number), the same option as training's `model.answer_extraction`; summaries
+record it. Decoding is greedy unless `--temperature` > 0; `--num-samples n` gives pass@1 and pass@n.
+Statistics: `eval_results.summarize`. A `--data` file may hold chat-message prompts (TRL's conversational
+format, e.g. `--question-field prompt`): they are rendered as they are, without the prompt preset.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import torch
 
+from gainrl_pl.answer_check import ANSWER_EXTRACTIONS, DEFAULT_ANSWER_EXTRACTION, check_answer_extraction
 from gainrl_pl.eval_backends import (
     BACKENDS,
     LazyBackend,
@@ -84,7 +90,8 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
              prompt: str = "paper", num_samples: int = 1, temperature: float = 0.0, top_p: float = 1.0,
              max_new_tokens: int = 512, batch_size: int = 16, dtype: str = "auto", backend: Any = "transformers",
              seed: int = 0, shard_rank: int | None = None, num_shards: int | None = None,
-             merge_only: bool = False, overwrite: bool = False, progress: bool = True) -> dict[str, Any]:
+             merge_only: bool = False, overwrite: bool = False, progress: bool = True,
+             answer_extraction: str = DEFAULT_ANSWER_EXTRACTION) -> dict[str, Any]:
     """Evaluate a model on one benchmark; write samples, `summary.json` and `summary.md` to `output_dir`.
 
     Args:
@@ -111,12 +118,15 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
         merge_only: Generate nothing; summarize the samples all shards wrote.
         overwrite: Delete earlier samples in `output_dir` instead of resuming.
         progress: Show a progress bar with the running accuracy.
+        answer_extraction: How answers are read: `boxed` (the last `\\boxed{}` only, the paper's rule) or
+            `flexible` (the last `\\boxed{}`, else the last number); recorded in the summary.
 
     Returns:
         The summary (see `eval_results.summarize`); for a shard that does not merge, its own shard's.
     """
     if num_samples < 1 or max_new_tokens < 1 or batch_size < 1:
         raise ValueError("num_samples, max_new_tokens and batch_size must be >= 1")
+    check_answer_extraction(answer_extraction)
     if temperature < 0 or (num_samples > 1 and temperature == 0):
         raise ValueError(f"num_samples={num_samples} needs temperature > 0 (greedy gives n identical answers); "
                          f"got temperature={temperature}")
@@ -134,21 +144,24 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
     settings = {"model": spec.label, "benchmark": name, "data": source, "prompt": prompt,
                 "num_samples": num_samples, "temperature": temperature, "top_p": top_p if sampling else None,
                 "seed": seed if sampling else None, "max_new_tokens": max_new_tokens, "backend": backend_name,
-                "dtype": dtype_used}
+                "dtype": dtype_used, "answer_extraction": answer_extraction}
     overwrite = overwrite and not merge_only
     if overwrite:
         remove_results(out, rank, world)  # each shard its own file; shard 0 also what the shards share
     if rank == 0 or not shared:  # under torchrun rank 0 checks the directory, the others wait for it
-        check_run_config(out, settings, replace=overwrite)
+        # results written before the option existed were scored the one way there was then: flexible
+        check_run_config(out, settings, replace=overwrite, legacy={"answer_extraction": "flexible"})
     _barrier(shared)
     if not merge_only:
         _run_shard(examples, spec, backend, out, rank=rank, world=world, name=name, prompt=prompt,
                    num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
-                   batch_size=batch_size, dtype=dtype, seed=seed, progress=progress, overwrite=overwrite)
+                   batch_size=batch_size, dtype=dtype, seed=seed, progress=progress, overwrite=overwrite,
+                   answer_extraction=answer_extraction)
     _barrier(shared)
     header = {"model": spec.label, "benchmark": name, "data": source, "prompt": prompt,
               "decoding": "greedy" if not sampling else f"temperature={temperature}, top_p={top_p}",
-              "max_new_tokens": max_new_tokens, "backend": backend_name, "dtype": dtype_used}
+              "max_new_tokens": max_new_tokens, "backend": backend_name, "dtype": dtype_used,
+              "answer_extraction": answer_extraction}
     records = collect_samples(out)
     if merge_only or world == 1 or (shared and rank == 0):
         rows = [records[ex.index] for ex in examples if ex.index in records]
@@ -161,12 +174,14 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
 
 def _run_shard(examples, spec: ModelSpec, backend, out: Path, *, rank: int, world: int, name: str, prompt: str,
                num_samples: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-               dtype: str, seed: int, progress: bool, overwrite: bool) -> None:
+               dtype: str, seed: int, progress: bool, overwrite: bool, answer_extraction: str) -> None:
     """Generate and score this shard's examples that have no record yet, appending to its samples file."""
     from tqdm.auto import tqdm
 
-    from gainrl_pl.prompts import build_prompt, get_prompt_template
-    from gainrl_pl.rewards import accuracy_reward, extract_prediction
+    from gainrl_pl.prompts import build_chat_prompt, build_prompt, get_prompt_template
+    from gainrl_pl.rewards import AccuracyReward, extract_prediction
+
+    accuracy_reward = AccuracyReward(answer_extraction)
 
     shard = [ex for i, ex in enumerate(examples) if i % world == rank]  # strided: every shard gets easy and hard
     # after --overwrite only this shard's own (now empty) file counts: other files may be stale leftovers
@@ -180,7 +195,8 @@ def _run_shard(examples, spec: ModelSpec, backend, out: Path, *, rank: int, worl
     engine = load_backend(spec, backend, dtype=dtype, seed=seed + rank) if owned else backend
     try:
         template = get_prompt_template(prompt)
-        prompts = [build_prompt(engine.tokenizer, ex.question, template) for ex in pending]
+        prompts = [build_chat_prompt(engine.tokenizer, ex.messages) if ex.messages is not None
+                   else build_prompt(engine.tokenizer, ex.question, template) for ex in pending]
         # longest first: similar lengths share a batch (little padding), and an out-of-memory error shows at once
         order = sorted(range(len(pending)), key=lambda i: -prompts[i].num_tokens)
         per_call = max(1, batch_size // num_samples)
@@ -201,7 +217,8 @@ def _run_shard(examples, spec: ModelSpec, backend, out: Path, *, rank: int, worl
                     rewards = accuracy_reward([prompts[i].text] * len(texts), texts, answer=[ex.answer] * len(texts))
                     correct = [bool(r) for r in rewards]
                     record = {"index": ex.index, "question": ex.question, "gold": ex.answer, "completions": texts,
-                              "predictions": [extract_prediction(t) for t in texts], "correct": correct,
+                              "predictions": [extract_prediction(t, answer_extraction) for t in texts],
+                              "correct": correct,
                               "lengths": [c.length for c in completions],
                               "truncated": [c.truncated for c in completions]}
                     handle.write(json.dumps(record, ensure_ascii=False) + "\n")
@@ -247,6 +264,9 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", default="paper", choices=list(PROMPT_PRESETS), help="prompt preset")
+    gen.add_argument("--answer-extraction", default=DEFAULT_ANSWER_EXTRACTION, choices=list(ANSWER_EXTRACTIONS),
+                     help="how answers are read: boxed = the last \\boxed{} only (the paper's rule, default); "
+                     "flexible = the last \\boxed{}, else the last number (training's model.answer_extraction)")
     gen.add_argument("--num-samples", type=int, default=1, help="completions per prompt (pass@n)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-p", type=float, default=1.0)
@@ -284,7 +304,7 @@ def main(argv: list[str] | None = None) -> None:
                 num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype, backend=engine,
                 seed=args.seed, shard_rank=args.shard_rank, num_shards=args.num_shards, merge_only=args.merge,
-                overwrite=args.overwrite, progress=not args.no_progress)
+                overwrite=args.overwrite, progress=not args.no_progress, answer_extraction=args.answer_extraction)
             if "shard" not in summary and summary.get("missing"):
                 print(f"warning: {summary['missing']} prompts of {stem} have no samples yet (a shard has not run?)")
     finally:

@@ -32,7 +32,7 @@ from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
-from gainrl_pl.rewards import RewardComputer
+from gainrl_pl.rewards import ANSWER_EXTRACTIONS, COMPLETION_FORMATS, ChatInputs, RewardComputer
 from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
 
@@ -83,9 +83,19 @@ class GRPOModule(pl.LightningModule):
         epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
         delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
         beta: KL coefficient to the reference model (k3 estimator); 0 loads no reference model.
-        rewards: Reward functions: built-in names (`accuracy`, `format`, `length_penalty`) or dotted paths
-            `package.module.function` with TRL's signature.
+        reward_funcs: Reward functions (TRL's name): built-in names (`accuracy`, `format`, `length_penalty`) or
+            dotted paths `package.module.function` with TRL's signature (e.g. `trl.rewards.accuracy_reward`);
+            `null` = `[accuracy]`.
+        rewards: The same as `reward_funcs` (this option's name before TRL's was adopted; set one of the two).
         reward_weights: One weight per reward function (`null` = all 1).
+        answer_extraction: How the built-in `accuracy` reward reads a completion's answer, in training and in
+            validation alike: `boxed` = the last `\\boxed{}` only (the paper's rule); `flexible` = the last
+            `\\boxed{}`, else the last number in the text (credits a last number that is an intermediate step).
+        completion_format: What reward functions receive: `auto` = TRL's rule (chat messages when the dataset's
+            prompts are chat messages, else strings); `conversational` = always TRL's chat format (each completion
+            `[{"role": "assistant", "content": ...}]`, prompts as message lists), for functions such as
+            `trl.rewards.accuracy_reward` on a question/answer dataset; `text` = always strings. A function with
+            a `completion_format` attribute gets what it names.
         reward_on_error: `raise`: a reward function that raises or returns NaN/wrong length stops training;
             `zero`: its value counts as 0 (counted and logged).
         accuracy_reward: Name of the reward whose value (>0.5 = correct) is the accuracy reported to GAIN-RL.
@@ -137,8 +147,11 @@ class GRPOModule(pl.LightningModule):
         epsilon_high: float | None = None,
         delta: float | None = None,
         beta: float = 0.0,
+        reward_funcs: list[str | Callable] | None = None,
         rewards: list[str | Callable] | None = None,
         reward_weights: list[float] | None = None,
+        answer_extraction: str = "boxed",
+        completion_format: str = "auto",
         reward_on_error: str = "raise",
         accuracy_reward: str = "accuracy",
         learning_rate: float = 1e-6,
@@ -160,14 +173,20 @@ class GRPOModule(pl.LightningModule):
         # plain dicts in hparams keep checkpoints loadable with torch.load(weights_only=True)
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         quantization = QuantizationSettings(**quantization) if isinstance(quantization, dict) else quantization
-        self.save_hyperparameters(ignore=["rewards"])
+        self.save_hyperparameters(ignore=["reward_funcs", "rewards"])
         self.hparams["lora"] = asdict(lora) if lora else None
         self.hparams["quantization"] = asdict(quantization) if quantization else None
-        self.hparams["rewards"] = [r if isinstance(r, str) else _callable_path(r) for r in (rewards or ["accuracy"])]
+        if reward_funcs is not None and rewards is not None and list(reward_funcs) != list(rewards):
+            raise ValueError("reward_funcs and rewards name the same option (rewards is its earlier name): set one")
+        reward_funcs = list(reward_funcs if reward_funcs is not None else rewards or ["accuracy"])
+        self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
+        self.hparams["rewards"] = None
         _validate_choice("loss_type", loss_type, LOSS_TYPES)
         _validate_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
+        _validate_choice("answer_extraction", answer_extraction, ANSWER_EXTRACTIONS)
+        _validate_choice("completion_format", completion_format, COMPLETION_FORMATS)
         for name in ("num_generations", "max_completion_length", "num_iterations", "steps_per_rollout",
                      "val_num_samples", "max_consecutive_nonfinite"):
             if getattr(self.hparams, name) < 1:
@@ -192,7 +211,8 @@ class GRPOModule(pl.LightningModule):
         self.ref_model = None
         if beta > 0 and lora is None:
             self.ref_model = copy.deepcopy(self.policy).eval().requires_grad_(False)
-        self.reward_computer = RewardComputer(list(rewards or ["accuracy"]), reward_weights, on_error=reward_on_error)
+        self.reward_computer = RewardComputer(reward_funcs, reward_weights, on_error=reward_on_error,
+                                              answer_extraction=answer_extraction, completion_format=completion_format)
         self.reward_names = self.reward_computer.names
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
         self.angle_probe = AngleSignalProbe(self.policy, layer=angle_layer)
@@ -457,7 +477,11 @@ class GRPOModule(pl.LightningModule):
         if rollout is not None:  # TRL passes the completion token ids too (length rewards count tokens)
             columns["completion_ids"] = [ids[m.bool()].tolist() for ids, m in
                                          zip(rollout.completion_ids, rollout.completion_mask, strict=True)]
-        out = self.reward_computer(prompts, completions, **columns)
+        chat = None
+        if batch.get("prompt_messages") is not None:  # the chat view, for functions that read TRL's chat format
+            chat = ChatInputs([m for m in batch["prompt_messages"] for _ in range(group)],
+                              from_data=bool(batch.get("conversational")) and all(batch["conversational"]))
+        out = self.reward_computer(prompts, completions, chat, **columns)
         return out.to(self.device)
 
     def _logprobs_batched(self, model, input_ids, attention, rollout: Rollout) -> torch.Tensor:
@@ -574,7 +598,7 @@ class GRPOModule(pl.LightningModule):
                                  do_sample=not greedy)
         group = 1 if greedy else n
         completions = self._decode(rollout.completion_ids, rollout.completion_mask)
-        rewards = self._rewards(batch, completions, group)
+        rewards = self._rewards(batch, completions, group, rollout)
         real = ~batch["is_padding"].to(self.device) if "is_padding" in batch else None
         correct = self._accuracy_values(rewards).view(-1, group).float()
         lengths = rollout.completion_mask.sum(dim=1).float().view(-1, group)

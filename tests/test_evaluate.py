@@ -14,7 +14,7 @@ from gainrl_pl.eval_results import read_samples, repair_tail
 from gainrl_pl.eval_sets import BENCHMARKS, load_benchmark
 from gainrl_pl.evaluate import evaluate, resolve_shard
 from gainrl_pl.metrics import pass_at_k, wilson_interval
-from gainrl_pl.rewards import accuracy_reward, extract_prediction
+from gainrl_pl.rewards import AccuracyReward, accuracy_reward, extract_prediction
 
 GEN = {"max_new_tokens": 12, "progress": False}
 
@@ -82,9 +82,13 @@ def test_end_to_end_greedy_files_and_numbers(engine, tmp_path):
 
 
 def test_scoring_is_the_training_reward_on_recorded_completions(engine, tmp_path):
-    """Golds crafted from what the model answers: the checker must mark exactly those right."""
+    """Golds crafted from what the model answers: the checker must mark exactly those right.
+
+    The tiny random model never boxes, so its answers are read by the `flexible` rule (last number).
+    """
     rows = toy_rows(8)
-    first = run(engine, write_jsonl(tmp_path / "probe.jsonl", rows), tmp_path / "probe")
+    first = run(engine, write_jsonl(tmp_path / "probe.jsonl", rows), tmp_path / "probe",
+                answer_extraction="flexible")
     predictions = {r["index"]: r["predictions"][0] for r in read_samples(tmp_path / "probe" / "samples.jsonl")}
     assert first["prompts"] == 8
     crafted = []
@@ -101,14 +105,24 @@ def test_scoring_is_the_training_reward_on_recorded_completions(engine, tmp_path
     expected_right = sum(1 for row in crafted if row["a"] != "123456789")
     assert expected_right >= 2, f"the tiny model printed too few numbers to test scoring: {predictions}"
 
-    summary = run(engine, write_jsonl(tmp_path / "crafted.jsonl", crafted), tmp_path / "crafted")
+    summary = run(engine, write_jsonl(tmp_path / "crafted.jsonl", crafted), tmp_path / "crafted",
+                  answer_extraction="flexible")
     records = read_samples(tmp_path / "crafted" / "samples.jsonl")
     for record in records:  # greedy: the same completions as the probe run
         assert record["predictions"][0] == predictions[record["index"]]
-        recomputed = accuracy_reward([""], record["completions"], answer=[record["gold"]])
+        recomputed = AccuracyReward("flexible")([""], record["completions"], answer=[record["gold"]])
         assert [bool(x) for x in recomputed] == record["correct"]
         assert record["correct"][0] == (record["gold"] != "123456789")
     assert summary["accuracy"] == pytest.approx(expected_right / 8)
+    assert summary["answer_extraction"] == "flexible"
+
+    # the same completions under the paper's rule: no box, no answer; the option is recorded and never mixed
+    boxed = run(engine, write_jsonl(tmp_path / "crafted.jsonl", crafted), tmp_path / "boxed")
+    assert boxed["answer_extraction"] == "boxed" and boxed["accuracy"] == 0.0
+    assert all(r["predictions"] == [None] for r in read_samples(tmp_path / "boxed" / "samples.jsonl"))
+    assert (tmp_path / "boxed" / "summary.md").read_text().splitlines()[2].endswith("| boxed |")
+    with pytest.raises(ValueError, match="answer_extraction: 'boxed' there, 'flexible' now"):
+        run(engine, write_jsonl(tmp_path / "crafted.jsonl", crafted), tmp_path / "boxed", answer_extraction="flexible")
 
 
 def test_resume_generates_only_new_prompts(engine, tmp_path, monkeypatch):
@@ -280,3 +294,37 @@ def test_vllm_greedy_answers_agree_with_transformers(tmp_path):
     # float32 on both sides; a rare near-tie can still flip one greedy token and the rest of a completion
     assert agree >= 0.9, (a, b)
     assert abs(hf["accuracy"] - vl["accuracy"]) <= 0.1
+
+
+def test_results_from_before_the_option_count_as_flexible(engine, tmp_path):
+    """A results directory written before `answer_extraction` existed was scored the flexible way."""
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(2))
+    first = run(engine, data, tmp_path / "out", answer_extraction="flexible")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    del config["answer_extraction"]  # as an older version wrote it
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config))
+    assert run(engine, data, tmp_path / "out", answer_extraction="flexible")["prompts"] == first["prompts"]
+    with pytest.raises(ValueError, match="answer_extraction: 'flexible' there, 'boxed' now"):
+        run(engine, data, tmp_path / "out", answer_extraction="boxed")
+
+
+def test_conversational_data_file_is_rendered_as_it_is(engine, tmp_path):
+    rows = [{"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": f"What is {i} + 1?"}],
+             "solution": str(i + 1)} for i in range(3)]
+    data = write_jsonl(tmp_path / "chat.jsonl", rows)
+    summary = evaluate(data=str(data), question_field="prompt", answer_field="solution", output_dir=tmp_path / "out",
+                       backend=engine, **GEN)
+    records = read_samples(tmp_path / "out" / "samples.jsonl")
+    assert summary["prompts"] == 3 and [r["question"] for r in records] == [f"What is {i} + 1?" for i in range(3)]
+    assert [r["gold"] for r in records] == ["1", "2", "3"]
+
+
+def test_cli_answer_extraction_flag(talky_model_dir, tmp_path):
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(2))
+    evaluate_module.main(["--model", str(talky_model_dir), "--data", str(data), "--question-field", "q",
+                          "--answer-field", "a", "--output", str(tmp_path / "out"), "--max-new-tokens", "4",
+                          "--no-progress", "--answer-extraction", "flexible"])
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())[0]["answer_extraction"] == "flexible"
+    assert "| flexible |" in (tmp_path / "out" / "summary.md").read_text()
+    with pytest.raises(SystemExit):
+        evaluate_module.main(["--data", str(data), "--output", str(tmp_path / "x"), "--answer-extraction", "lenient"])
