@@ -27,7 +27,13 @@ from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
 from gainrl_pl.group_filter import GroupFilter
-from gainrl_pl.grpo import compute_advantages, masked_mean, policy_loss, token_logprobs, token_logprobs_and_entropy
+from gainrl_pl.grpo import (
+    compute_advantages,
+    masked_mean,
+    policy_loss,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
@@ -97,7 +103,9 @@ class GRPOModule(pl.LightningModule):
         lr_schedule: `constant`, `linear` (decay to 0) or `cosine`, after `warmup_steps` of linear warm-up.
         warmup_steps: Optimizer steps of linear learning-rate warm-up.
         max_grad_norm: Clip the global gradient norm to this (0 = no clipping).
-        max_consecutive_nonfinite: Skip an update whose loss or gradient is NaN/inf; stop after this many in a row.
+        max_consecutive_nonfinite: An optimizer step whose mini-batch loss or gradient is NaN/inf is skipped (counted
+            in `train/nonfinite_updates`) and the rollout's later steps go on. Training stops when this many
+            rollouts in a row each had a skipped step: one bad rollout never ends a run, a diverged one does.
         angle_layer: Decoder layer whose MLP input gives the angle signal of the rollouts (spec section 5).
         log_completions_every_n_steps: Write sample prompts/completions/rewards every N steps (0 = never).
         num_completions_to_log: How many completions each such table shows.
@@ -200,8 +208,8 @@ class GRPOModule(pl.LightningModule):
         self.val_pass_at_k = MeanMetric()
         self.val_completion_length = MeanMetric()
         self.completion_logger = CompletionLogger()
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0  # rollouts in a row with a skipped (non-finite) optimizer step
+        self.nonfinite_total = 0  # optimizer steps skipped over the run
         # Stops refilling at the cap without raising: whether to raise is decided with all ranks' counts
         # (agree_on_group_count), so that no rank raises alone.
         self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds, oversample=True,
@@ -307,11 +315,13 @@ class GRPOModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         train_tokens = 0
+        skipped = 0
         t0 = _now()
         for iteration in range(hp.num_iterations):
             for mb in mini_batches:
                 global_tokens = self._global_token_count(loss_mask[mb])
                 micro = _split_by_size(mb, hp.micro_batch_size)
+                losses: list[float] = []  # this mini-batch's: a NaN here must not skip the rollout's later steps
                 for k, idx in enumerate(micro):
                     # the angle signal rides on the first pass's forwards: each completion seen once, no extra forward
                     with self.angle_probe.capture(attention[idx], enabled=iteration == 0):
@@ -339,30 +349,44 @@ class GRPOModule(pl.LightningModule):
                         metrics["entropy"] = masked_mean(entropy, loss_mask[idx])
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
-                self._optimizer_step(opt, sched, step_metrics)
+                    losses.append(float(metrics["loss"]))
+                skipped += not self._optimizer_step(opt, sched, step_metrics, losses)
+        self._count_nonfinite_rollout(skipped)
         return train_tokens, _now() - t0
 
-    def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]]) -> None:
+    def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]], losses: list[float]) -> bool:
+        """Clip and step, or skip the step when its mini-batch's loss or the gradient is NaN/inf; True if stepped."""
         params = [p for group in opt.param_groups for p in group["params"]]
         max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # Gradients are already all-reduced, so every DDP rank sees the same norm and takes the same branch.
-        finite = bool(torch.isfinite(grad_norm)) and all(math.isfinite(v) for v in step_metrics.get("loss", [0.0]))
+        # The gradients are all-reduced but the losses are local: every DDP rank takes the same branch.
+        finite = bool(torch.isfinite(grad_norm)) and all(math.isfinite(v) for v in losses)
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             opt.step()
             sched.step()
-            self.nonfinite_in_a_row = 0
         else:
-            self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            if self.nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (norm "
-                    f"{float(grad_norm)}); stopping. The last checkpoint before the fault is intact. Lower "
-                    "learning_rate, set max_grad_norm, or use bf16/fp32 instead of fp16.")
         opt.zero_grad(set_to_none=True)
         step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
+        return finite
+
+    def _count_nonfinite_rollout(self, skipped: int) -> None:
+        """Stop after `max_consecutive_nonfinite` rollouts in a row that each skipped a step.
+
+        Counted per rollout, not per optimizer step: with several steps per rollout, one bad rollout (a NaN
+        advantage reaches every mini-batch) must not end the run, while a diverged policy fails every rollout.
+        """
+        if not skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} rollouts in a row had an optimizer step with a non-finite loss or "
+                f"gradient ({self.nonfinite_total} steps skipped so far; max_consecutive_nonfinite="
+                f"{self.hparams.max_consecutive_nonfinite}); stopping. The last checkpoint before the fault is "
+                "intact. Lower learning_rate, set max_grad_norm, or use bf16/fp32 instead of fp16.")
 
     # ----------------------------------------------------------------- dynamic sampling (DAPO, spec section 9)
     def _dynamic_sampling(self, first: GroupBatch) -> tuple[GroupBatch, DynamicSamplingOutcome]:
