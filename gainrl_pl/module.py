@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -39,7 +40,12 @@ from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_poli
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.rewards import RewardComputer
-from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
+from gainrl_pl.rng_state import (
+    collect_rng_states_of_all_ranks,
+    restore_rng_states,
+    rng_state_of_rank,
+    seed_rank_streams,
+)
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -218,7 +224,7 @@ class GRPOModule(pl.LightningModule):
         self._last_angle_signal = 0.0
         self.last_rollout_report: dict[str, torch.Tensor] | None = None
         self.val_accuracy_at_start: float | None = None
-        self._pending_rng_states: dict | None = None
+        self._pending_rng_states: list[dict] | dict | None = None
 
     # ----------------------------------------------------------------- optimisation set-up
     def configure_optimizers(self):
@@ -245,9 +251,19 @@ class GRPOModule(pl.LightningModule):
             return None
 
     def on_train_start(self) -> None:
-        if self._pending_rng_states is not None:  # applied as late as possible: nothing may draw in between
-            restore_rng_states(self._pending_rng_states)
-            self._pending_rng_states = None
+        # Applied as late as possible, so nothing draws in between. Each rank continues its own streams; a fresh
+        # run gives each rank its own (ranks sampling the same prompt must not draw the same completions).
+        saved, self._pending_rng_states = self._pending_rng_states, None
+        own = rng_state_of_rank(saved, self.global_rank)
+        if own is not None:
+            restore_rng_states(own)
+        else:
+            if saved is not None:
+                count = len(saved) if isinstance(saved, list) else 1
+                warnings.warn(f"the checkpoint holds RNG states of {count} rank(s); rank {self.global_rank} "
+                              "of this run starts fresh streams, so its rollouts will not repeat the original run's",
+                              stacklevel=2)
+            seed_rank_streams(self.global_rank)
         if self.val_accuracy_at_start is not None:
             for logger in self.trainer.loggers:
                 logger.log_metrics({"val/accuracy": self.val_accuracy_at_start}, step=0)
@@ -296,7 +312,10 @@ class GRPOModule(pl.LightningModule):
         hp = self.hparams
         rollout = groups.rollout
         group_rewards = groups.rewards.total.view(-1, hp.num_generations)
-        advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards).reshape(-1)
+        batch_std = None
+        if hp.scale_rewards == "batch" and self.trainer.world_size > 1:  # TRL's: the std of the global batch
+            batch_std = self._gather_flat(group_rewards.reshape(-1)).std()  # as many groups on every rank
+        advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards, batch_std=batch_std).reshape(-1)
         loss_mask = rollout.completion_mask.clone()
         if hp.mask_truncated_completions:
             loss_mask[rollout.truncated] = 0
@@ -644,8 +663,9 @@ class GRPOModule(pl.LightningModule):
                 del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
         checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
-        # saved at a batch end, this is the state the next rollout starts sampling from
-        checkpoint["gainrl_rng_states"] = collect_rng_states()
+        # Saved at a batch end, these are the states the next rollout starts sampling from, one per rank (a
+        # collective: Lightning builds the checkpoint on every rank and writes rank 0's).
+        checkpoint["gainrl_rng_states"] = collect_rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
