@@ -112,7 +112,6 @@ class GRPOModule(pl.LightningModule):
         max_consecutive_nonfinite: An optimizer step whose mini-batch loss or gradient is NaN/inf is skipped (counted
             in `train/nonfinite_updates`) and the rollout's later steps go on. Training stops when this many
             rollouts in a row each had a skipped step: one bad rollout never ends a run, a diverged one does.
-        angle_layer: Decoder layer whose MLP input gives the angle signal of the rollouts (spec section 5).
         log_completions_every_n_steps: Write sample prompts/completions/rewards every N steps (0 = never).
         num_completions_to_log: How many completions each such table shows.
         val_num_samples: Completions per validation prompt (1 = pass@1; n > 1 also logs pass@n).
@@ -163,7 +162,6 @@ class GRPOModule(pl.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
         max_consecutive_nonfinite: int = 3,
-        angle_layer: int = -1,
         log_completions_every_n_steps: int = 0,
         num_completions_to_log: int = 4,
         val_num_samples: int = 1,
@@ -197,7 +195,9 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"max_extra_generation_rounds={rounds!r} must be an integer >= 0")
 
         self.automatic_optimization = False  # several optimizer steps per rollout, accumulation inside a step
-        self.strict_loading = False  # checkpoints of LoRA runs hold the adapters only (see on_save_checkpoint)
+        # Checkpoints of LoRA runs hold the adapters only, none holds the reference copy (see on_save_checkpoint), so
+        # Lightning's strict loading would refuse them; on_load_checkpoint checks exactly the keys we save instead.
+        self.strict_loading = False
         self.tokenizer = load_tokenizer(model_name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
         self.policy = build_policy(model_name_or_path, gguf_file=gguf_file, dtype=dtype, lora=lora,
                                    quantization=quantization, gradient_checkpointing=gradient_checkpointing,
@@ -209,7 +209,9 @@ class GRPOModule(pl.LightningModule):
         self.reward_computer = RewardComputer(list(rewards or ["accuracy"]), reward_weights, on_error=reward_on_error)
         self.reward_names = self.reward_computer.names
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
-        self.angle_probe = AngleSignalProbe(self.policy, layer=angle_layer)
+        # The rollouts' angle signal (spec section 5). Its layer and site are the GainRLScheduler's `layer`/`site`,
+        # which it sets at fit start so that the signal and the ranking read the same hidden states.
+        self.angle_probe = AngleSignalProbe(self.policy)
         self.val_accuracy = MeanMetric()
         self.val_pass_at_k = MeanMetric()
         self.val_completion_length = MeanMetric()
@@ -218,8 +220,7 @@ class GRPOModule(pl.LightningModule):
         self.nonfinite_total = 0  # optimizer steps skipped over the run
         # Stops refilling at the cap without raising: whether to raise is decided with all ranks' counts
         # (agree_on_group_count), so that no rank raises alone.
-        self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds, oversample=True,
-                                        allow_partial=True)
+        self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds)
         self.dynamic_sampling_skipped_steps = 0
         self._last_angle_signal = 0.0
         self.last_rollout_report: dict[str, torch.Tensor] | None = None
@@ -651,16 +652,19 @@ class GRPOModule(pl.LightningModule):
         self.on_validation_epoch_end()
 
     # ----------------------------------------------------------------- checkpoints
+    def _checkpoint_keys(self, keys) -> set[str]:
+        """Which of these state_dict keys a checkpoint holds: the trainable adapters with LoRA (frozen base weights
+        are rebuilt from the source model), everything but the reference copy without."""
+        if self.hparams.lora is not None:
+            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+            return {k for k in keys if k in trainable}
+        return {k for k in keys if not k.startswith("ref_model.")}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model."""
         state = checkpoint["state_dict"]
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-        if self.hparams.lora is not None:
-            for key in [k for k in state if k not in trainable]:
-                del state[key]
-        else:
-            for key in [k for k in state if k.startswith("ref_model.")]:
-                del state[key]
+        for key in set(state) - self._checkpoint_keys(state):
+            del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
         checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
         # Saved at a batch end, these are the states the next rollout starts sampling from, one per rank (a
@@ -668,9 +672,28 @@ class GRPOModule(pl.LightningModule):
         checkpoint["gainrl_rng_states"] = collect_rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_keys(set(checkpoint.get("state_dict", {})))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
+
+    def _check_checkpoint_keys(self, saved: set[str]) -> None:
+        """A strict check of exactly the keys this module saves: a checkpoint of another LoRA/model setting would
+        otherwise resume with fresh adapters in silence (loading is not strict, see __init__)."""
+        expected = self._checkpoint_keys(self.state_dict().keys())
+        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        if not missing and not unexpected:
+            return
+
+        def listed(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+        parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
+        raise RuntimeError(
+            f"the checkpoint does not match this model: {'; '.join(parts)} weight key(s). It was saved with another "
+            "model, `lora` setting (r, target_modules) or full fine-tuning vs LoRA; resume with the settings it was "
+            "trained with (its hyper-parameters are under `hyper_parameters` in the checkpoint).")
 
     def save_hf(self, directory: str) -> None:
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""

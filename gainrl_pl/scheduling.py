@@ -69,17 +69,6 @@ def _reindex(score, position: int):
     return dataclasses.replace(score, index=position)
 
 
-def length_ranking(items: list[dict]) -> list[int]:
-    """Shortest question (in tokens) first; ties by position (spec section 8's `length` baseline)."""
-    return sorted(range(len(items)), key=lambda i: (items[i]["question_tokens"], i))
-
-
-def values_ranking(values: list[float], descending: bool = False) -> list[int]:
-    """Positions ordered by a value (ascending by default: e.g. easiest difficulty first)."""
-    sign = -1.0 if descending else 1.0
-    return sorted(range(len(values)), key=lambda i: (sign * values[i], i))
-
-
 def plot_schedule(history: list[dict[str, Any]], path: str | Path, num_prompts: int) -> Path:
     """PNG with mu over rounds (and the update's two terms) and the ranks drawn each round."""
     import matplotlib
