@@ -90,7 +90,8 @@ class GRPOModule(pl.LightningModule):
         micro_batch_size: Completions per forward/backward (gradient accumulation inside a mini-batch); `null` = whole mini-batch.
         loss_type: `grpo` (per-sequence mean), `bnpo` (per-token mean over the batch), `dr_grpo`
             (token sum / (sequences x max_completion_length)), `dapo` (per-token mean over the global batch).
-        scale_rewards: Advantage scaling: `group` std, `batch` std, or `none` (Dr. GRPO).
+        scale_rewards: Advantage scaling: `group` std, `batch` std (of every completion on all DDP ranks, as TRL),
+            or `none` (Dr. GRPO).
         epsilon: Lower clipping range of the probability ratio.
         epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
         delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
