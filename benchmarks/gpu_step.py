@@ -124,7 +124,14 @@ def run_child(args) -> dict:
                              use_distributed_sampler=False, default_root_dir=tmp, callbacks=[Timer()])
         trainer.fit(module, datamodule=dm)
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else proc_status_kb("VmHWM") / 2**20
-    return {"config": args.config, "step_s": times, "peak_gib": peak,
+    params = list(module.policy.parameters())
+    # what the config really trained: a wrong setting (LoRA or 4-bit silently off) shows here, not in the time
+    trained = {"optimizer_steps": trainer.global_step,
+               "trainable_params": sum(p.numel() for p in params if p.requires_grad),
+               "params": sum(p.numel() for p in params),
+               "linear4bit_layers": sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
+                                        for m in module.policy.modules())}  # not peft's LoRA wrappers of them
+    return {"config": args.config, "step_s": times, "peak_gib": peak, **trained,
             "peak_kind": "max_memory_allocated" if cuda else "peak RSS (CPU)",
             "device": torch.cuda.get_device_name() if cuda else "cpu"}
 
@@ -177,6 +184,8 @@ def main(argv=None) -> None:
         rows.append(result)
         print(f"  {config}: steps {', '.join(f'{t:.1f}' for t in result['step_s'])} s (first = warm-up), "
               f"peak {result['peak_gib']:.2f} GiB ({result['peak_kind']}), {result['device']}", flush=True)
+        print(f"  {config}: {result['optimizer_steps']} optimizer steps, {result['trainable_params']} of "
+              f"{result['params']} parameters trainable, {result['linear4bit_layers']} 4-bit layers", flush=True)
     print("\n| config | s/step (median) | peak memory GiB | device |\n| --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
+import threading
 from pathlib import Path
 
 import lightning.pytorch as pl
@@ -39,6 +41,8 @@ class GainRLCheckpoint(ModelCheckpoint):
                          monitor=monitor, mode=mode, filename=filename, auto_insert_metric_name=auto_insert_metric_name,
                          **kwargs)
         self.save_hf = save_hf
+        self._sigterm_received = False  # this rank's; acted on only once every rank agrees (on_train_batch_end)
+        self._user_sigterm_handler = None
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -61,8 +65,44 @@ class GainRLCheckpoint(ModelCheckpoint):
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Lightning raises SIGTERMException right after this hook; save first so the run can resume.
-        if trainer.received_sigterm and self.dirpath is not None:
+        if self._sigterm_agreed(trainer) and self.dirpath is not None:
             self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+
+    # ----------------------------------------------------------------- SIGTERM under DDP
+    # A checkpoint save is collective (the RNG states are gathered, Lightning's barrier follows), so every rank
+    # must decide to save at the same batch, whichever rank the signal reached and whenever. Lightning 2.6's own
+    # SIGTERM handler broadcasts from inside the signal handler, a collective the other ranks are not in (it
+    # pairs with whatever they run next, or hangs); while training it is replaced by a handler that only takes
+    # note, and the ranks agree at each batch end with one all-reduce of that note.
+    def on_fit_start(self, trainer, pl_module) -> None:
+        super().on_fit_start(trainer, pl_module)
+        self._sigterm_received = False
+        self._user_sigterm_handler = signal.getsignal(signal.SIGTERM)  # Lightning installs its handler after this
+
+    def on_sanity_check_start(self, trainer, pl_module) -> None:
+        super().on_sanity_check_start(trainer, pl_module)
+        self._take_over_sigterm()
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        super().on_train_start(trainer, pl_module)
+        self._take_over_sigterm()
+
+    def _take_over_sigterm(self) -> None:
+        if threading.current_thread() is threading.main_thread():  # Lightning's handler is restored at teardown
+            signal.signal(signal.SIGTERM, self._note_sigterm)
+
+    def _note_sigterm(self, signum, frame) -> None:
+        self._sigterm_received = True
+        if callable(self._user_sigterm_handler):
+            self._user_sigterm_handler(signum, frame)
+
+    def _sigterm_agreed(self, trainer: pl.Trainer) -> bool:
+        """Whether any rank received SIGTERM; every rank calls this at every batch end and gets the same answer."""
+        received = trainer.strategy.reduce_boolean_decision(self._sigterm_received or trainer.received_sigterm,
+                                                            all=False)
+        if received:  # Lightning then stops every rank after this batch, as it would on its own SIGTERM
+            trainer._signal_connector.received_sigterm = True
+        return received
 
     def on_train_end(self, trainer, pl_module) -> None:
         # ModelCheckpoint saves only on its schedule: make sure the final weights are kept too

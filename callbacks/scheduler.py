@@ -1,7 +1,9 @@
 """GainRLScheduler: ranks the training prompts, moves the sampler after each round, logs and plots it.
 
-- fit start: builds the ranking the schedule needs (angle scores of the current policy, sharded over
-  DDP ranks and gathered; question lengths; a difficulty column), unless a checkpoint restored one;
+- fit start: points the module's angle-signal probe at the scoring layer and site (one setting for the
+  ranking and the signal), and builds the ranking the schedule needs (angle scores of the current policy,
+  sharded over DDP ranks and gathered; question lengths; a difficulty or pass-rate column), unless a
+  checkpoint restored one;
 - each trained batch: tells the sampler (DataLoaders prefetch, so only a callback knows what was trained)
   and collects the module's per-prompt report (accuracy, angle signal);
 - after a round's last batch: `sampler.update(...)` with train (paper) or the latest validation accuracy;
@@ -19,7 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gainrl_pl.scheduling import angle_ranking, length_ranking, plot_schedule, values_ranking
+from gainrl_pl.sampling import ranking_from_values
+from gainrl_pl.scheduling import angle_ranking, plot_schedule
 
 ACCURACY_SOURCES = ("train", "val")
 SCORE_SITES = ("mlp_input", "layer_output")
@@ -32,8 +35,10 @@ class GainRLScheduler(pl.Callback):
         accuracy_source: `train`: the round's rollout accuracy (paper); `val`: the latest validation accuracy
             (from the previous validation run: rounds end with their last batch, before that round's validation).
         rescore_every_n_rounds: Re-score and re-rank the prompts with the current policy every K rounds (0 = never, as in the paper).
-        layer: Decoder layer whose MLP input gives the angle score (negative counts from the end).
-        site: `mlp_input` (the paper's hidden states) or `layer_output`.
+        layer: Decoder layer whose hidden states give the angle scores of the ranking and the rollouts' angle
+            signal in the mean update (negative counts from the end; -1 = the last layer, as the paper).
+        site: Where in that layer: `mlp_input` (the MLP's input, the paper's hidden states) or `layer_output`.
+            Used by the ranking and the angle signal alike.
         intra_weight: Weight of C_intra in the score (paper: 1; reference script: 1).
         inter_weight: Weight of C_inter in the score (paper: 1; reference script: 8).
         intra_diagonal: Include i == j pairs in C_intra, as the paper defines it.
@@ -54,6 +59,7 @@ class GainRLScheduler(pl.Callback):
         if rescore_every_n_rounds < 0:
             raise ValueError(f"scheduler.rescore_every_n_rounds={rescore_every_n_rounds} must be >= 0")
         self.accuracy_source = accuracy_source
+        self.layer, self.site = layer, site
         self.rescore_every_n_rounds = rescore_every_n_rounds
         self.score_options = dict(layer=layer, site=site, w_intra=intra_weight, w_inter=inter_weight,
                                   intra_diagonal=intra_diagonal, batch_size=score_batch_size)
@@ -67,6 +73,12 @@ class GainRLScheduler(pl.Callback):
 
     # ----------------------------------------------------------------- ranking
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        probe = getattr(pl_module, "angle_probe", None)
+        if probe is not None:  # the rollouts' angle signal reads the hidden states the ranking reads
+            try:
+                probe.set_site(self.layer, self.site)
+            except ValueError as err:
+                raise ValueError(f"scheduler.{err}") from None
         dm = trainer.datamodule
         if dm.ranking is not None:  # restored from a checkpoint: keep the ranking the run was using
             return
@@ -88,10 +100,13 @@ class GainRLScheduler(pl.Callback):
                 logger.log_metrics(numeric, step=trainer.global_step)
             if trainer.is_global_zero:
                 print(f"[gainrl] ranked {len(order)} prompts by angle concentration: {summary}")
-        elif name == "length":
-            order = length_ranking(dm.train_set)
-        elif name == "accuracy_curriculum":
-            order = values_ranking(dm.column_values(dm.schedule.difficulty_field), descending=False)
+        elif name == "length":  # shortest question first, ties by position (spec section 8)
+            order = ranking_from_values([item["question_tokens"] for item in dm.train_set])
+        elif name == "accuracy_curriculum":  # easiest first: a difficulty ascending, a pass rate descending
+            if dm.schedule.pass_rate_field:
+                order = ranking_from_values(dm.column_values(dm.schedule.pass_rate_field), descending=True)
+            else:
+                order = ranking_from_values(dm.column_values(dm.schedule.difficulty_field))
         else:
             return  # uniform / adarft / pass-rate priority need no ranking
         dm.set_ranking(order)

@@ -8,6 +8,7 @@ into Lightning checkpoints through `state_dict` / `load_state_dict`.
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -26,7 +27,8 @@ class ScheduleSettings:
 
     name: str = "angle"
     """`angle` (GAIN-RL), `length` (shortest question first, same Gaussian schedule), `accuracy_curriculum`
-    (easiest first by `difficulty_field`), `uniform` (vanilla GRPO), `adarft`, `pass_rate_priority`."""
+    (easiest first by `difficulty_field` or `pass_rate_field`), `uniform` (vanilla GRPO), `adarft`,
+    `pass_rate_priority`."""
     subset_size: int = 256
     """Prompts per sampling round (the paper's epoch), summed over DDP ranks."""
     sigma: float = 1000.0
@@ -46,7 +48,11 @@ class ScheduleSettings:
     reference_lag: bool = False
     """Draw each round with the previous round's mu, as the reference TRL script does."""
     difficulty_field: str | None = None
-    """Dataset column with a difficulty (higher = harder) for `accuracy_curriculum` and `adarft`."""
+    """Dataset column with a difficulty, higher = harder (e.g. MATH's `level`): `accuracy_curriculum` ranks it
+    ascending (easiest first); `adarft` targets it."""
+    pass_rate_field: str | None = None
+    """Dataset column with a measured pass rate, higher = easier: `accuracy_curriculum` ranks it descending
+    (easiest first). Set this or `difficulty_field`, not both."""
     seed: int = 0
     """Seed of the round draws (identical on every DDP rank)."""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -59,6 +65,13 @@ class ScheduleSettings:
             raise ValueError(f"schedule.subset_size={self.subset_size} must be >= 1")
         if self.sigma <= 0:
             raise ValueError(f"schedule.sigma={self.sigma} must be > 0 (ranks, or a fraction of N if <= 1)")
+        if self.name == "accuracy_curriculum" and bool(self.difficulty_field) == bool(self.pass_rate_field):
+            raise ValueError("schedule.name='accuracy_curriculum' ranks easiest first by one column: set either "
+                             "schedule.difficulty_field (higher = harder, ranked ascending) or "
+                             "schedule.pass_rate_field (higher = easier, ranked descending)")
+        if self.pass_rate_field and self.name != "accuracy_curriculum":
+            raise ValueError(f"schedule.pass_rate_field is used by the accuracy_curriculum schedule only, not by "
+                             f"{self.name!r}; remove it")
 
 
 class GainRLDataModule(pl.LightningDataModule):
@@ -217,7 +230,7 @@ class GainRLDataModule(pl.LightningDataModule):
             self._pending_state = None
 
     def column_values(self, field_name: str | None) -> list[float]:
-        """Numeric values of a dataset column for every training prompt (e.g. MATH `level`)."""
+        """Finite numeric values of a dataset column for every training prompt (e.g. MATH `level`)."""
         if not field_name:
             raise ValueError(f"schedule.name={self.schedule.name!r} needs schedule.difficulty_field (a numeric "
                              "column such as MATH's `level`)")
@@ -225,9 +238,13 @@ class GainRLDataModule(pl.LightningDataModule):
         for item in self.train_set:
             raw = item["columns"].get(field_name)
             try:
-                values.append(float(str(raw).replace("Level", "").strip()))
+                value = float(str(raw).replace("Level", "").strip())
             except ValueError:
-                raise ValueError(f"row {item['index']}: {field_name}={raw!r} is not a number") from None
+                value = math.nan
+            if not math.isfinite(value):  # a NaN would sort anywhere: the ranking would be silently arbitrary
+                raise ValueError(f"row {item['index']}: {field_name}={raw!r} is not a finite number; schedule "
+                                 f"{self.schedule.name!r} needs one on every training row (fill or drop those rows)")
+            values.append(value)
         return values
 
     def set_ranking(self, order: list[int]) -> None:

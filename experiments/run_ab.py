@@ -38,7 +38,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 ARMS: dict[str, list[str]] = {
     "gainrl": ["--data.schedule.name", "angle"],
     # the investigation of issue 7: a mid-depth layer ranks this set's easy families first (angle_layers.py)
-    "gainrl_layer8": ["--data.schedule.name", "angle", "--scheduler.layer", "8", "--model.angle_layer", "8"],
+    "gainrl_layer8": ["--data.schedule.name", "angle", "--scheduler.layer", "8"],  # the ranking's and signal's layer
     "uniform": ["--data.schedule.name", "uniform"],
     "length": ["--data.schedule.name", "length"],
     "accuracy_curriculum": ["--data.schedule.name", "accuracy_curriculum", "--data.schedule.difficulty_field", "level"],

@@ -27,7 +27,8 @@ _CHUNK_ELEMENTS = 2**24
 
 
 # --------------------------------------------------------------------------------------------- advantages
-def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float = 1e-4) -> Tensor:
+def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float = 1e-4,
+                       batch_std: Tensor | float | None = None) -> Tensor:
     """Group-relative advantages for GRPO.
 
     Each reward is centred on the mean of its group (the G completions of one prompt) and, depending on
@@ -37,10 +38,12 @@ def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float
         rewards: Total rewards shaped `(num_prompts, G)`; row i holds the G completions of prompt i.
             Must be finite.
         scale_rewards: `group`: divide by the unbiased std of the group (GRPO, TRL's default);
-            `batch`: divide by the unbiased std of all rewards in `rewards` (TRL's `batch`; under DDP
-            this is the std of what the caller passes, so gather first for a global std);
+            `batch`: divide by the unbiased std of the whole batch (TRL's `batch`): `batch_std` when
+            given, else the std of all rewards in `rewards`;
             `none`: no division (Dr. GRPO, which argues the std term biases towards easy/hard prompts).
         eps: Added to the std so near-constant groups do not explode.
+        batch_std: With `scale_rewards='batch'`, the std of the global batch when `rewards` is only part of
+            it (under DDP: the unbiased std of every rank's rewards, as TRL computes it after its gather).
 
     Returns:
         Advantages shaped like `rewards`, in float32 (or the rewards' dtype when it is float64).
@@ -64,7 +67,10 @@ def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float
         std = r.std(dim=1, keepdim=True) if r.shape[1] > 1 else torch.zeros_like(r[:, :1])
         advantages = centred / (std + eps)
     elif scale_rewards == "batch":
-        std = r.std() if r.numel() > 1 else r.new_zeros(())
+        if batch_std is not None:
+            std = torch.as_tensor(batch_std, dtype=r.dtype, device=r.device)
+        else:
+            std = r.std() if r.numel() > 1 else r.new_zeros(())
         advantages = centred / (std + eps)
     else:
         advantages = centred

@@ -13,6 +13,7 @@ from __future__ import annotations
 import copy
 import functools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import asdict
 from typing import Any
@@ -27,13 +28,24 @@ from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
 from gainrl_pl.group_filter import GroupFilter
-from gainrl_pl.grpo import compute_advantages, masked_mean, policy_loss, token_logprobs, token_logprobs_and_entropy
+from gainrl_pl.grpo import (
+    compute_advantages,
+    masked_mean,
+    policy_loss,
+    token_logprobs,
+    token_logprobs_and_entropy,
+)
 from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.rewards import ANSWER_EXTRACTIONS, COMPLETION_FORMATS, ChatInputs, RewardComputer
-from gainrl_pl.rng_state import collect_rng_states, restore_rng_states
+from gainrl_pl.rng_state import (
+    collect_rng_states_of_all_ranks,
+    restore_rng_states,
+    rng_state_of_rank,
+    seed_rank_streams,
+)
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
 
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
@@ -78,7 +90,8 @@ class GRPOModule(pl.LightningModule):
         micro_batch_size: Completions per forward/backward (gradient accumulation inside a mini-batch); `null` = whole mini-batch.
         loss_type: `grpo` (per-sequence mean), `bnpo` (per-token mean over the batch), `dr_grpo`
             (token sum / (sequences x max_completion_length)), `dapo` (per-token mean over the global batch).
-        scale_rewards: Advantage scaling: `group` std, `batch` std, or `none` (Dr. GRPO).
+        scale_rewards: Advantage scaling: `group` std, `batch` std (of every completion on all DDP ranks, as TRL),
+            or `none` (Dr. GRPO).
         epsilon: Lower clipping range of the probability ratio.
         epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
         delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
@@ -107,8 +120,9 @@ class GRPOModule(pl.LightningModule):
         lr_schedule: `constant`, `linear` (decay to 0) or `cosine`, after `warmup_steps` of linear warm-up.
         warmup_steps: Optimizer steps of linear learning-rate warm-up.
         max_grad_norm: Clip the global gradient norm to this (0 = no clipping).
-        max_consecutive_nonfinite: Skip an update whose loss or gradient is NaN/inf; stop after this many in a row.
-        angle_layer: Decoder layer whose MLP input gives the angle signal of the rollouts (spec section 5).
+        max_consecutive_nonfinite: An optimizer step whose mini-batch loss or gradient is NaN/inf is skipped (counted
+            in `train/nonfinite_updates`) and the rollout's later steps go on. Training stops when this many
+            rollouts in a row each had a skipped step: one bad rollout never ends a run, a diverged one does.
         log_completions_every_n_steps: Write sample prompts/completions/rewards every N steps (0 = never).
         num_completions_to_log: How many completions each such table shows.
         val_num_samples: Completions per validation prompt (1 = pass@1; n > 1 also logs pass@n).
@@ -162,7 +176,6 @@ class GRPOModule(pl.LightningModule):
         warmup_steps: int = 0,
         max_grad_norm: float = 1.0,
         max_consecutive_nonfinite: int = 3,
-        angle_layer: int = -1,
         log_completions_every_n_steps: int = 0,
         num_completions_to_log: int = 4,
         val_num_samples: int = 1,
@@ -202,7 +215,9 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"max_extra_generation_rounds={rounds!r} must be an integer >= 0")
 
         self.automatic_optimization = False  # several optimizer steps per rollout, accumulation inside a step
-        self.strict_loading = False  # checkpoints of LoRA runs hold the adapters only (see on_save_checkpoint)
+        # Checkpoints of LoRA runs hold the adapters only, none holds the reference copy (see on_save_checkpoint), so
+        # Lightning's strict loading would refuse them; on_load_checkpoint checks exactly the keys we save instead.
+        self.strict_loading = False
         self.tokenizer = load_tokenizer(model_name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
         self.policy = build_policy(model_name_or_path, gguf_file=gguf_file, dtype=dtype, lora=lora,
                                    quantization=quantization, gradient_checkpointing=gradient_checkpointing,
@@ -215,22 +230,23 @@ class GRPOModule(pl.LightningModule):
                                               answer_extraction=answer_extraction, completion_format=completion_format)
         self.reward_names = self.reward_computer.names
         self.eos_ids = eos_token_ids(self.policy, self.tokenizer)
-        self.angle_probe = AngleSignalProbe(self.policy, layer=angle_layer)
+        # The rollouts' angle signal (spec section 5). Its layer and site are the GainRLScheduler's `layer`/`site`,
+        # which it sets at fit start so that the signal and the ranking read the same hidden states.
+        self.angle_probe = AngleSignalProbe(self.policy)
         self.val_accuracy = MeanMetric()
         self.val_pass_at_k = MeanMetric()
         self.val_completion_length = MeanMetric()
         self.completion_logger = CompletionLogger()
-        self.nonfinite_in_a_row = 0
-        self.nonfinite_total = 0
+        self.nonfinite_in_a_row = 0  # rollouts in a row with a skipped (non-finite) optimizer step
+        self.nonfinite_total = 0  # optimizer steps skipped over the run
         # Stops refilling at the cap without raising: whether to raise is decided with all ranks' counts
         # (agree_on_group_count), so that no rank raises alone.
-        self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds, oversample=True,
-                                        allow_partial=True)
+        self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds)
         self.dynamic_sampling_skipped_steps = 0
         self._last_angle_signal = 0.0
         self.last_rollout_report: dict[str, torch.Tensor] | None = None
         self.val_accuracy_at_start: float | None = None
-        self._pending_rng_states: dict | None = None
+        self._pending_rng_states: list[dict] | dict | None = None
 
     # ----------------------------------------------------------------- optimisation set-up
     def configure_optimizers(self):
@@ -257,9 +273,19 @@ class GRPOModule(pl.LightningModule):
             return None
 
     def on_train_start(self) -> None:
-        if self._pending_rng_states is not None:  # applied as late as possible: nothing may draw in between
-            restore_rng_states(self._pending_rng_states)
-            self._pending_rng_states = None
+        # Applied as late as possible, so nothing draws in between. Each rank continues its own streams; a fresh
+        # run gives each rank its own (ranks sampling the same prompt must not draw the same completions).
+        saved, self._pending_rng_states = self._pending_rng_states, None
+        own = rng_state_of_rank(saved, self.global_rank)
+        if own is not None:
+            restore_rng_states(own)
+        else:
+            if saved is not None:
+                count = len(saved) if isinstance(saved, list) else 1
+                warnings.warn(f"the checkpoint holds RNG states of {count} rank(s); rank {self.global_rank} "
+                              "of this run starts fresh streams, so its rollouts will not repeat the original run's",
+                              stacklevel=2)
+            seed_rank_streams(self.global_rank)
         if self.val_accuracy_at_start is not None:
             for logger in self.trainer.loggers:
                 logger.log_metrics({"val/accuracy": self.val_accuracy_at_start}, step=0)
@@ -308,7 +334,10 @@ class GRPOModule(pl.LightningModule):
         hp = self.hparams
         rollout = groups.rollout
         group_rewards = groups.rewards.total.view(-1, hp.num_generations)
-        advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards).reshape(-1)
+        batch_std = None
+        if hp.scale_rewards == "batch" and self.trainer.world_size > 1:  # TRL's: the std of the global batch
+            batch_std = self._gather_flat(group_rewards.reshape(-1)).std()  # as many groups on every rank
+        advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards, batch_std=batch_std).reshape(-1)
         loss_mask = rollout.completion_mask.clone()
         if hp.mask_truncated_completions:
             loss_mask[rollout.truncated] = 0
@@ -327,11 +356,13 @@ class GRPOModule(pl.LightningModule):
         opt = self.optimizers()
         sched = self.lr_schedulers()
         train_tokens = 0
+        skipped = 0
         t0 = _now()
         for iteration in range(hp.num_iterations):
             for mb in mini_batches:
                 global_tokens = self._global_token_count(loss_mask[mb])
                 micro = _split_by_size(mb, hp.micro_batch_size)
+                losses: list[float] = []  # this mini-batch's: a NaN here must not skip the rollout's later steps
                 for k, idx in enumerate(micro):
                     # the angle signal rides on the first pass's forwards: each completion seen once, no extra forward
                     with self.angle_probe.capture(attention[idx], enabled=iteration == 0):
@@ -359,30 +390,44 @@ class GRPOModule(pl.LightningModule):
                         metrics["entropy"] = masked_mean(entropy, loss_mask[idx])
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
-                self._optimizer_step(opt, sched, step_metrics)
+                    losses.append(float(metrics["loss"]))
+                skipped += not self._optimizer_step(opt, sched, step_metrics, losses)
+        self._count_nonfinite_rollout(skipped)
         return train_tokens, _now() - t0
 
-    def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]]) -> None:
+    def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]], losses: list[float]) -> bool:
+        """Clip and step, or skip the step when its mini-batch's loss or the gradient is NaN/inf; True if stepped."""
         params = [p for group in opt.param_groups for p in group["params"]]
         max_norm = self.hparams.max_grad_norm if self.hparams.max_grad_norm > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # Gradients are already all-reduced, so every DDP rank sees the same norm and takes the same branch.
-        finite = bool(torch.isfinite(grad_norm)) and all(math.isfinite(v) for v in step_metrics.get("loss", [0.0]))
+        # The gradients are all-reduced but the losses are local: every DDP rank takes the same branch.
+        finite = bool(torch.isfinite(grad_norm)) and all(math.isfinite(v) for v in losses)
         finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         if finite:
             opt.step()
             sched.step()
-            self.nonfinite_in_a_row = 0
         else:
-            self.nonfinite_in_a_row += 1
             self.nonfinite_total += 1
-            if self.nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
-                raise FloatingPointError(
-                    f"{self.nonfinite_in_a_row} updates in a row had a non-finite loss or gradient (norm "
-                    f"{float(grad_norm)}); stopping. The last checkpoint before the fault is intact. Lower "
-                    "learning_rate, set max_grad_norm, or use bf16/fp32 instead of fp16.")
         opt.zero_grad(set_to_none=True)
         step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
+        return finite
+
+    def _count_nonfinite_rollout(self, skipped: int) -> None:
+        """Stop after `max_consecutive_nonfinite` rollouts in a row that each skipped a step.
+
+        Counted per rollout, not per optimizer step: with several steps per rollout, one bad rollout (a NaN
+        advantage reaches every mini-batch) must not end the run, while a diverged policy fails every rollout.
+        """
+        if not skipped:
+            self.nonfinite_in_a_row = 0
+            return
+        self.nonfinite_in_a_row += 1
+        if self.nonfinite_in_a_row >= self.hparams.max_consecutive_nonfinite:
+            raise FloatingPointError(
+                f"{self.nonfinite_in_a_row} rollouts in a row had an optimizer step with a non-finite loss or "
+                f"gradient ({self.nonfinite_total} steps skipped so far; max_consecutive_nonfinite="
+                f"{self.hparams.max_consecutive_nonfinite}); stopping. The last checkpoint before the fault is "
+                "intact. Lower learning_rate, set max_grad_norm, or use bf16/fp32 instead of fp16.")
 
     # ----------------------------------------------------------------- dynamic sampling (DAPO, spec section 9)
     def _dynamic_sampling(self, first: GroupBatch) -> tuple[GroupBatch, DynamicSamplingOutcome]:
@@ -632,25 +677,48 @@ class GRPOModule(pl.LightningModule):
         self.on_validation_epoch_end()
 
     # ----------------------------------------------------------------- checkpoints
+    def _checkpoint_keys(self, keys) -> set[str]:
+        """Which of these state_dict keys a checkpoint holds: the trainable adapters with LoRA (frozen base weights
+        are rebuilt from the source model), everything but the reference copy without."""
+        if self.hparams.lora is not None:
+            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+            return {k for k in keys if k in trainable}
+        return {k for k in keys if not k.startswith("ref_model.")}
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model."""
         state = checkpoint["state_dict"]
-        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-        if self.hparams.lora is not None:
-            for key in [k for k in state if k not in trainable]:
-                del state[key]
-        else:
-            for key in [k for k in state if k.startswith("ref_model.")]:
-                del state[key]
+        for key in set(state) - self._checkpoint_keys(state):
+            del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
         checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
-        # saved at a batch end, this is the state the next rollout starts sampling from
-        checkpoint["gainrl_rng_states"] = collect_rng_states()
+        # Saved at a batch end, these are the states the next rollout starts sampling from, one per rank (a
+        # collective: Lightning builds the checkpoint on every rank and writes rank 0's).
+        checkpoint["gainrl_rng_states"] = collect_rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._check_checkpoint_keys(set(checkpoint.get("state_dict", {})))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
+
+    def _check_checkpoint_keys(self, saved: set[str]) -> None:
+        """A strict check of exactly the keys this module saves: a checkpoint of another LoRA/model setting would
+        otherwise resume with fresh adapters in silence (loading is not strict, see __init__)."""
+        expected = self._checkpoint_keys(self.state_dict().keys())
+        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+        if not missing and not unexpected:
+            return
+
+        def listed(keys: list[str]) -> str:
+            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+        parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
+        raise RuntimeError(
+            f"the checkpoint does not match this model: {'; '.join(parts)} weight key(s). It was saved with another "
+            "model, `lora` setting (r, target_modules) or full fine-tuning vs LoRA; resume with the settings it was "
+            "trained with (its hyper-parameters are under `hyper_parameters` in the checkpoint).")
 
     def save_hf(self, directory: str) -> None:
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""

@@ -182,11 +182,6 @@ class RoundSampler(Sampler[list[int]]):
         """Batches per rank per round (the whole round, also when resuming mid-round)."""
         return self._round_length(self.subset_size) // (self.batch_size * self.num_replicas)
 
-    @property
-    def padded_prompts(self) -> int:
-        """Prompts repeated per round to make the round a multiple of batch_size * num_replicas (0 if dropping)."""
-        return max(0, self._round_length(self.subset_size) - self.subset_size)
-
     def rank_batches(self, round_indices: Sequence[int]) -> list[list[int]]:
         """This rank's batches of a global round: pad (or drop), strided shard, chunks of batch_size."""
         n = len(round_indices)

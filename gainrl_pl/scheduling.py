@@ -20,6 +20,15 @@ def _gather_objects(obj: Any) -> list[Any]:
     return [obj]
 
 
+def _from_rank_zero(obj: Any) -> Any:
+    """Rank 0's `obj` on every rank when torch.distributed is up; `obj` otherwise."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+    return obj
+
+
 def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: int = -1, site: str = "mlp_input",
                   w_intra: float = 1.0, w_inter: float = 1.0, intra_diagonal: bool = True, batch_size: int = 16,
                   cache_dir: str | None = None, use_cache: bool = True,
@@ -27,7 +36,9 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
     """Score every training prompt with `model` and rank them, best (most concentrated) first.
 
     Under DDP each rank scores a strided shard and the scores are gathered, so N ranks score N times
-    faster and every rank ends with the same ranking. Returns (order, PromptScore by position, summary).
+    faster and every rank ends with the same ranking. Rank 0 alone reads the score cache and broadcasts
+    what it found: with node-local caches a hit on one rank and a miss on another would otherwise leave
+    the missing rank waiting in the gather. Returns (order, PromptScore by position, summary).
     """
     world = strategy.world_size if strategy is not None else 1
     rank = strategy.global_rank if strategy is not None else 0
@@ -37,7 +48,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
     if cache is not None:
         key = cache.key(model, segments, layer=layer, site=site, w_intra=w_intra, w_inter=w_inter,
                         intra_diagonal=intra_diagonal, model_id=model_id)
-        cached = cache.load(key)
+        cached = _from_rank_zero(cache.load(key) if rank == 0 else None)
         if cached is not None:
             return rank_scores(cached), cached, ranking_summary(cached, [it["question_tokens"] for it in items])
     scorer = AngleScorer(model, tokenizer, layer=layer, site=site, batch_size=batch_size, w_intra=w_intra,
@@ -56,17 +67,6 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
 def _reindex(score, position: int):
     """Scores come back indexed within the shard; give them their position in the training set."""
     return dataclasses.replace(score, index=position)
-
-
-def length_ranking(items: list[dict]) -> list[int]:
-    """Shortest question (in tokens) first; ties by position (spec section 8's `length` baseline)."""
-    return sorted(range(len(items)), key=lambda i: (items[i]["question_tokens"], i))
-
-
-def values_ranking(values: list[float], descending: bool = False) -> list[int]:
-    """Positions ordered by a value (ascending by default: e.g. easiest difficulty first)."""
-    sign = -1.0 if descending else 1.0
-    return sorted(range(len(values)), key=lambda i: (sign * values[i], i))
 
 
 def plot_schedule(history: list[dict[str, Any]], path: str | Path, num_prompts: int) -> Path:

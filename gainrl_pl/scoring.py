@@ -172,24 +172,10 @@ class AngleScorer:
         return [tuple(float(v) for v in rows[:, i]) for i in range(len(batch))]
 
     # ----------------------------------------------------------------- public
-    def score(self, prompts: Sequence[PromptSegments], *, cache: ScoreCache | None = None,
-              model_id: str = "") -> list[PromptScore]:
-        """Score each prompt; returns one `PromptScore` per prompt, in input order.
-
-        With a `cache`, a stored result for the same (model weights, layer, site, prompts, weights) is
-        returned without any forward, and a fresh result is stored with its ranking summary.
-        """
-        key = None
-        if cache is not None:
-            key = cache.key(self.model, prompts, layer=self.layer, site=self.site, w_intra=self.w_intra,
-                            w_inter=self.w_inter, intra_diagonal=self.intra_diagonal, model_id=model_id)
-            hit = cache.load(key)
-            if hit is not None:
-                return hit
-        results = self._score(prompts)
-        if cache is not None:
-            cache.save(key, results, ranking_summary(results, [p.num_question_tokens for p in prompts]))
-        return results
+    def score(self, prompts: Sequence[PromptSegments]) -> list[PromptScore]:
+        """Score each prompt; returns one `PromptScore` per prompt, in input order (no cache: see
+        `scheduling.angle_ranking`, which decides cache hits once for every DDP rank)."""
+        return self._score(prompts)
 
     def _score(self, prompts: Sequence[PromptSegments]) -> list[PromptScore]:
         from tqdm.auto import tqdm
@@ -364,11 +350,6 @@ class ScoreCache:
                           stacklevel=2)
             return None
         return scores
-
-    def meta(self, key: str) -> dict[str, Any] | None:
-        """The meta JSON of a cached entry (inputs described, ranking summary), or None."""
-        path = self._paths(key)[1]
-        return json.loads(path.read_text(encoding="utf-8")) if path.exists() else None
 
     def save(self, key: str, scores: Sequence[PromptScore], summary: dict[str, Any] | None = None) -> None:
         """Store scores and their ranking summary under `key` (atomically: data first, then meta)."""

@@ -1,14 +1,18 @@
-"""Real 2-process DDP over gloo: disjoint shards, identical weights and mu, global metrics, no deadlock."""
+"""Real 2-process DDP over gloo: disjoint shards, identical weights and mu, global metrics, no deadlock; per-rank
+RNG streams, SIGTERM agreed across ranks, exact resume, a score cache found on one rank only."""
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 pytestmark = pytest.mark.ddp
 HERE = Path(__file__).parent
@@ -107,3 +111,71 @@ def test_two_rank_dynamic_sampling_cap_raises_on_every_rank(tiny_model_dir, ddp_
     assert proc.returncode != 0
     for rank in (0, 1):
         assert f"[rank{rank}]: RuntimeError: dynamic sampling: after max_extra_generation_rounds=1" in proc.stderr
+
+
+# ----------------------------------------------------------------------------------------- resume, SIGTERM
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_resume_script(tiny_model_dir, data, out, *extra, timeout=300):
+    """tests/resume_run.py on 2 ranks, `scale_rewards: batch`; returns each rank's step records."""
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "MASTER_PORT": str(free_port())}
+    proc = subprocess.run([sys.executable, str(HERE / "resume_run.py"), "--model", str(tiny_model_dir), "--data",
+                           str(data), "--out", str(out), "--devices", "2", "--scale-rewards", "batch", *extra],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return [[json.loads(line) for line in (out / f"record{r}.jsonl").read_text().splitlines()] for r in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def one_prompt_data(tmp_path_factory):
+    # one question, repeated: at every step both ranks sample completions of the very same prompt
+    path = tmp_path_factory.mktemp("one_prompt") / "train.jsonl"
+    path.write_text("".join(json.dumps({"question": "What is 6 times 7?", "answer": "42"}) + "\n" for _ in range(12)))
+    return path
+
+
+def test_two_rank_sigterm_on_one_rank_then_exact_resume(tiny_model_dir, one_prompt_data, tmp_path):
+    """An uninterrupted 2-rank run, then one where rank 1 alone gets SIGTERM after step 2 and rank 0 alone has the
+    angle scores in its node-local cache, then its resume: steps 3-4 equal the uninterrupted run's on each rank."""
+    straight = run_resume_script(tiny_model_dir, one_prompt_data, tmp_path / "straight", "--steps", "4",
+                                 "--score-cache", str(tmp_path / "cache_straight"))
+    for s0, s1 in zip(*straight, strict=True):
+        # the same prompt on both ranks, yet each rank draws its own completions (its own RNG streams)
+        assert s0["prompts"] == s1["prompts"] and s0["completions"] != s1["completions"]
+        # scale_rewards: batch divides by the std of both ranks' rewards (TRL's global std), not each rank's
+        both = torch.tensor([s["advantages"][0]["rewards"] for s in (s0, s1)])
+        for s in (s0, s1):
+            rewards = torch.tensor(s["advantages"][0]["rewards"])
+            expected = (rewards - rewards.mean(dim=1, keepdim=True)) / (both.std() + 1e-4)
+            torch.testing.assert_close(torch.tensor(s["advantages"][0]["advantages"]), expected)
+
+    # node-local caches: rank 0 has the straight run's scores (one field changed, to see them used), rank 1 none
+    cache = tmp_path / "cache_cut"
+    shutil.copytree(tmp_path / "cache_straight" / "rank0", cache / "rank0")
+    (scores,) = (cache / "rank0").glob("*.jsonl")
+    rows = [{**json.loads(line), "intra": 0.125} for line in scores.read_text().splitlines()]
+    scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "cut"
+    first = run_resume_script(tiny_model_dir, one_prompt_data, out, "--steps", "4", "--die-after", "2",
+                              "--signal", "term", "--signal-rank", "1", "--score-cache", str(cache))
+    for rank in (0, 1):
+        assert [r["step"] for r in first[rank]] == [1, 2], "every rank stops after the agreed SIGTERM save"
+        assert first[rank][0]["ranking_summary"]["intra_mean"] == 0.125, "rank 0's cached scores reach every rank"
+        assert not (out / f"done{rank}.json").exists()
+    ckpt = torch.load(out / "ckpt" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 2
+    states = ckpt["gainrl_rng_states"]  # one per rank, and they differ
+    assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
+
+    resumed = run_resume_script(tiny_model_dir, one_prompt_data, out, "--steps", "4", "--resume")
+    for rank in (0, 1):
+        assert [r["step"] for r in resumed[rank]] == [1, 2, 3, 4]
+        for a, b in zip(straight[rank], resumed[rank], strict=True):
+            assert a["indices"] == b["indices"] and a["completions"] == b["completions"], f"rank {rank} step {a['step']}"
+            assert a["reward"] == b["reward"] and a["lr"] == b["lr"] and a["mu"] == pytest.approx(b["mu"], abs=1e-9)
+            assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-9)
+            assert a["weights"] == pytest.approx(b["weights"], rel=1e-9)

@@ -17,18 +17,36 @@ def varied_reward(prompts, completions, **columns):
     return [float(len(c) % 3) for c in completions]
 
 
-@pytest.fixture()
-def setup(tiny_model_dir, tmp_path):
+def build(tiny_model_dir, tmp_path, max_steps=6, **module_kw):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"question": f"q {i}?", "answer": str(i)}) + "\n" for i in range(8)))
     module = GRPOModule(model_name_or_path=str(tiny_model_dir), num_generations=4, max_completion_length=5,
-                        rewards=[varied_reward], learning_rate=1e-3, max_consecutive_nonfinite=2)
+                        rewards=[varied_reward], learning_rate=1e-3, **{"max_consecutive_nonfinite": 2, **module_kw})
     dm = GainRLDataModule(train_data=str(data), preset="generic", prompt="none", tokenizer=str(tiny_model_dir),
                           prompts_per_step=2, schedule=ScheduleSettings(name="uniform", subset_size=4))
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, max_epochs=-1, logger=False,
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
                          use_distributed_sampler=False, callbacks=[GainRLScheduler(use_cache=False)])
     return module, dm, trainer
+
+
+@pytest.fixture()
+def setup(tiny_model_dir, tmp_path):
+    return build(tiny_model_dir, tmp_path)
+
+
+def poison_training_forwards(module, which):
+    """NaN logits on the training forwards (those with grad) whose 1-based count is in `which`."""
+    calls = {"n": 0}
+
+    def hook(mod, args, output):
+        if not torch.is_grad_enabled():  # generation, old/reference log-probs
+            return None
+        calls["n"] += 1
+        return output * float("nan") if calls["n"] in which else None
+
+    module.policy.get_output_embeddings().register_forward_hook(hook)
+    return calls
 
 
 def test_nonfinite_gradients_skip_the_update_then_stop(setup, monkeypatch):
@@ -40,7 +58,7 @@ def test_nonfinite_gradients_skip_the_update_then_stop(setup, monkeypatch):
         real_backward(loss * float("nan"), *args, **kwargs)
 
     monkeypatch.setattr(module, "manual_backward", poisoned_backward)
-    with pytest.raises(FloatingPointError, match="2 updates in a row had a non-finite"):
+    with pytest.raises(FloatingPointError, match="2 rollouts in a row had an optimizer step with a non-finite"):
         trainer.fit(module, datamodule=dm)
     assert module.nonfinite_total == 2
     for n, p in module.policy.named_parameters():  # the skipped updates left the weights untouched
@@ -62,6 +80,33 @@ def test_one_nonfinite_update_is_skipped_and_training_goes_on(setup, monkeypatch
     assert trainer.global_step == 6 and calls["n"] == 7
     assert module.nonfinite_total == 1 and module.nonfinite_in_a_row == 0
     assert trainer.callback_metrics["train/nonfinite_updates"] == 1
+
+
+def test_nan_in_one_mini_batch_skips_that_step_only(tiny_model_dir, tmp_path):
+    """Three optimizer steps per rollout: a NaN loss in the first mini-batch skips that step, the rollout's other
+    two go on; a rollout whose every step is NaN is skipped whole, and a clean rollout after it resets the count."""
+    module, dm, trainer = build(tiny_model_dir, tmp_path, max_steps=8, steps_per_rollout=3)
+    # rollout 1: mini-batch 1 of 3; rollout 3: all three (rollouts 2 and 4 are clean)
+    calls = poison_training_forwards(module, {1, 7, 8, 9})
+    steps_per_rollout = []
+
+    class Steps(pl.Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            steps_per_rollout.append(trainer.global_step)
+
+    trainer.callbacks.append(Steps())
+    trainer.fit(module, datamodule=dm)
+    assert steps_per_rollout == [2, 5, 5, 8] and calls["n"] == 12
+    assert module.nonfinite_total == 4 and module.nonfinite_in_a_row == 0
+    assert trainer.callback_metrics["train/nonfinite_updates"] == 4
+
+
+def test_diverged_run_stops_after_max_consecutive_nonfinite_rollouts(tiny_model_dir, tmp_path):
+    module, dm, trainer = build(tiny_model_dir, tmp_path, steps_per_rollout=3, max_consecutive_nonfinite=2)
+    poison_training_forwards(module, set(range(1, 100)))
+    with pytest.raises(FloatingPointError, match="2 rollouts in a row.*6 steps skipped"):
+        trainer.fit(module, datamodule=dm)
+    assert module.nonfinite_total == 6 and trainer.global_step == 0
 
 
 def test_out_of_memory_in_generation_names_the_knobs(setup, monkeypatch):

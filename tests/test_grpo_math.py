@@ -44,6 +44,16 @@ def test_batch_and_none_scaling_by_hand():
     )
 
 
+def test_batch_scaling_with_a_global_std_splits_like_the_whole_batch():
+    """Under DDP each rank holds part of the batch: with the global std, the parts' advantages are the whole's."""
+    whole = torch.tensor([[1.0, 0.0], [4.0, 1.0], [2.0, 2.0], [0.0, 3.0]])
+    parts = whole[:2], whole[2:]
+    local = [compute_advantages(p, "batch") for p in parts]
+    assert not torch.allclose(torch.cat(local), compute_advantages(whole, "batch"))  # local stds differ
+    shared = [compute_advantages(p, "batch", batch_std=whole.std()) for p in parts]
+    torch.testing.assert_close(torch.cat(shared), compute_advantages(whole, "batch"))
+
+
 @pytest.mark.parametrize("scale", ["group", "batch", "none"])
 def test_equal_groups_give_exact_zero_and_single_completion_groups_too(scale):
     # 0.1 is not exact in binary: the mean of three 0.1s is off by an ulp, yet the advantage must be 0

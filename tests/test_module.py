@@ -95,7 +95,8 @@ def test_fit_lora_with_kl_num_iterations_and_angle_schedule(tiny_model_dir, toy_
     for n, p in module.policy.named_parameters():
         if not p.requires_grad:
             assert torch.equal(p, base[n]), f"frozen base weight {n} moved"
-    assert trainer.callback_metrics["train/kl"] >= 0
+    # k3 is >= 0 by construction; > 0 says the reference really is the base (adapters off), not the moved policy
+    assert trainer.callback_metrics["train/kl"] > 1e-6
     assert scheduler.history and "mu" in scheduler.history[0]
     assert dm.ranking is not None and sorted(dm.ranking) == list(range(len(dm.train_set)))
 
@@ -108,12 +109,10 @@ def test_beta_zero_loads_no_reference_and_full_ft_beta_copies(tiny_model_dir):
 
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=8)])
-def test_reference_logprobs_equal_policy_at_step_zero(tiny_model_dir, toy_data, lora):
+def test_reference_is_the_starting_policy_and_stays_there(tiny_model_dir, toy_data, lora):
+    """At step 0 the reference equals the policy; once the policy moves (adapters made non-zero, or every weight
+    perturbed) the reference keeps the starting log-probs: the base with adapters off, or a frozen copy."""
     module = make_module(tiny_model_dir, beta=0.1, lora=lora)
-    if lora is not None:  # peft initialises B = 0; make the adapters non-trivial so "off" is a real test
-        for n, p in module.policy.named_parameters():
-            if "lora_B" in n:
-                torch.nn.init.normal_(p, std=0.0)
     dm = make_datamodule(tiny_model_dir, toy_data)
     dm.setup("fit")
     batch = dm.collate(dm._with_positions(dm.train_set[:3]))
@@ -126,9 +125,16 @@ def test_reference_logprobs_equal_policy_at_step_zero(tiny_model_dir, toy_data, 
     att = torch.cat([rollout.prompt_mask, rollout.completion_mask], 1)
     module.policy.eval()
     with torch.no_grad():
-        policy = module._logprobs_batched(module.policy, ids, att, rollout)
+        start = module._logprobs_batched(module.policy, ids, att, rollout)
+        torch.testing.assert_close(module._reference_logprobs(ids, att, rollout), start)
+        torch.manual_seed(1)
+        for p in module.policy.parameters():
+            if p.requires_grad:  # LoRA: A and B (B starts at 0); full fine-tune: every weight
+                p.add_(torch.randn_like(p) * 0.05)
+        moved = module._logprobs_batched(module.policy, ids, att, rollout)
         ref = module._reference_logprobs(ids, att, rollout)
-    assert torch.allclose(policy, ref, atol=1e-5)
+    assert (moved - start).abs().max() > 1e-2, "the policy did not move"
+    torch.testing.assert_close(ref, start)
 
 
 def test_toy_reward_rises_proving_gradients_flow(tiny_model_dir, toy_data, tmp_path):
@@ -168,18 +174,59 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, num_generations=-2)
     with pytest.raises(ValueError, match="lora.target_modules"):
         make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
-    with pytest.raises(ValueError, match="angle_layer=7"):
-        make_module(tiny_model_dir, angle_layer=7)
     with pytest.raises(ValueError, match="quantization .* needs lora"):
         make_module(tiny_model_dir, quantization=QuantizationSettings())
 
 
-def test_validation_accuracy_is_logged(tiny_model_dir, toy_data, tmp_path):
-    module = make_module(tiny_model_dir, rewards=["accuracy"])
+def even_answer(prompts, completions, answer, **columns):
+    """Correct when the row's answer is even: the accuracy is set by the data, not by the random model."""
+    return [float(int(a) % 2 == 0) for a in answer]
+
+
+def test_validation_accuracy_is_the_mean_over_prompts(tiny_model_dir, toy_data, tmp_path):
+    # the first 8 answers (i + i % 7) are 0, 2, 4, 6, 8, 10, 12, 7: 7 of 8 even. Batches of 3 (3 + 3 + 2 prompts):
+    # a mean of the batches' means would give (1 + 1 + 0.5) / 3 instead of 7 / 8
+    module = make_module(tiny_model_dir, rewards=[even_answer])
+    dm = GainRLDataModule(train_data=str(toy_data), val_data=str(toy_data), preset="generic", prompt="none",
+                          tokenizer=str(tiny_model_dir), val_batch_size=3, val_limit=8)
     trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         use_distributed_sampler=False)
-    metrics = trainer.validate(module, datamodule=make_datamodule(tiny_model_dir, toy_data))
-    assert 0.0 <= metrics[0]["val/accuracy"] <= 1.0
+                         use_distributed_sampler=False, default_root_dir=tmp_path)
+    metrics = trainer.validate(module, datamodule=dm)
+    assert metrics[0]["val/accuracy"] == pytest.approx(7 / 8)
+
+
+def lora_checkpoint(tiny_model_dir, toy_data, tmp_path, target_modules):
+    """A one-step LoRA run's checkpoint, and the module it came from."""
+    module = make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8, target_modules=target_modules))
+    trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
+    path = tmp_path / "lora.ckpt"
+    trainer.save_checkpoint(path)
+    return path, module
+
+
+def test_checkpoint_of_other_adapters_fails_naming_the_keys(tiny_model_dir, toy_data, tmp_path):
+    path, saved = lora_checkpoint(tiny_model_dir, toy_data, tmp_path, ["q_proj", "v_proj"])
+
+    def validate(module):
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             use_distributed_sampler=False, default_root_dir=tmp_path, limit_val_batches=1)
+        trainer.validate(module, datamodule=make_datamodule(tiny_model_dir, toy_data), ckpt_path=path)
+
+    # the same settings load the trained adapters
+    same = make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj", "v_proj"]))
+    validate(same)
+    trained = dict(saved.policy.named_parameters())
+    assert all(torch.equal(p, trained[n]) for n, p in same.policy.named_parameters() if p.requires_grad)
+    # adapters on q_proj only: the checkpoint's v_proj adapters are unexpected
+    with pytest.raises(RuntimeError, match=r"does not match this model: 4 unexpected \(policy\..*v_proj\.lora_A"):
+        validate(make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8, target_modules=["q_proj"])))
+    # adapters on every projection: k_proj's and o_proj's are missing
+    with pytest.raises(RuntimeError, match=r"8 missing \(.*k_proj\.lora_A"):
+        validate(make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8,
+                                                               target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])))
+    # a full fine-tune's module: every weight missing, every adapter unexpected
+    with pytest.raises(RuntimeError, match=r"missing .* unexpected .*lora_"):
+        validate(make_module(tiny_model_dir))
 
 
 def test_fused_adamw_by_default_with_a_fallback(tiny_model_dir, monkeypatch):

@@ -28,7 +28,7 @@ def run(tiny_model_dir, data, out, *extra, expect_rc=0):
     proc = subprocess.run([sys.executable, str(HERE / "resume_run.py"), "--model", str(tiny_model_dir), "--data",
                            str(data), "--out", str(out), *extra], capture_output=True, text=True, timeout=300, env=env)
     assert proc.returncode == expect_rc, (proc.returncode, proc.stderr[-3000:])
-    return [json.loads(line) for line in (out / "record.jsonl").read_text().splitlines()]
+    return [json.loads(line) for line in (out / "record0.jsonl").read_text().splitlines()]
 
 
 @pytest.fixture(scope="module")
@@ -42,7 +42,7 @@ def test_interrupted_and_resumed_run_continues_exactly(tiny_model_dir, resume_da
     first = run(tiny_model_dir, resume_data, tmp_path, "--steps", "6", "--die-after", "3", "--signal", how,
                 expect_rc=rc)
     assert [r["step"] for r in first] == [1, 2, 3]
-    assert not (tmp_path / "done.json").exists()
+    assert not (tmp_path / "done0.json").exists()
     assert (tmp_path / "ckpt" / "last.ckpt").exists()
     both = run(tiny_model_dir, resume_data, tmp_path, "--steps", "6", "--resume")
     resumed = both[len(first):]

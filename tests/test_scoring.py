@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from gainrl_pl.prompts import build_prompt, get_prompt_template
+from gainrl_pl.scheduling import angle_ranking
 from gainrl_pl.scoring import (
     AngleScorer,
     PromptScore,
@@ -183,18 +184,18 @@ def test_config_errors(tiny_model, tiny_tokenizer):
 
 def test_cache_hit_runs_no_forward(tiny_model, tiny_tokenizer, tmp_path):
     segs = segments(tiny_tokenizer)
-    cache = ScoreCache(tmp_path)
-    scorer = AngleScorer(tiny_model, tiny_tokenizer, w_inter=8.0, show_progress=False)
-    first = scorer.score(segs, cache=cache, model_id="tiny")
+    items = [{"segments": s, "question_tokens": s.num_question_tokens} for s in segs]
+    first = angle_ranking(tiny_model, tiny_tokenizer, items, w_inter=8.0, cache_dir=str(tmp_path), model_id="tiny")
     counter = CallCounter(tiny_model.model.embed_tokens, *find_decoder_layers(tiny_model))
-    second = scorer.score(segs, cache=cache, model_id="tiny")
+    second = angle_ranking(tiny_model, tiny_tokenizer, items, w_inter=8.0, cache_dir=str(tmp_path), model_id="tiny")
     counter.remove()
     assert counter.calls == 0 and second == first  # identical, bit for bit
     files = sorted(p.name for p in tmp_path.iterdir())
     assert len(files) == 2 and not any(name.endswith(".tmp") for name in files)
+    cache = ScoreCache(tmp_path)
     key = cache.key(tiny_model, segs, layer=-1, site="mlp_input", w_intra=1.0, w_inter=8.0, intra_diagonal=True,
                     model_id="tiny")
-    meta = cache.meta(key)
+    meta = json.loads((tmp_path / f"{key}.meta.json").read_text())
     assert meta["num_prompts"] == len(segs) and meta["w_inter"] == 8.0 and meta["model"] == "tiny"
     assert meta["summary"]["num_prompts"] == len(segs) and "spearman_score_question_length" in meta["summary"]
 
