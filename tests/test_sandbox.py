@@ -63,27 +63,40 @@ def processes_of(uid: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------- basics
 def test_limits_and_isolation_are_in_force(strict):
+    # The steps run in the judge, so what the program's process sees comes back through its functions.
     probe = textwrap.dedent("""
         import os, resource, socket
         def limit(name):
             return resource.getrlimit(getattr(resource, name))
         def interfaces():
             return [name for _, name in socket.if_nameindex()]
+        def ids():
+            return os.getuid(), os.getgid(), os.getgroups(), os.getpid()
+        def pids():
+            return sorted(p for p in os.listdir('/proc') if p.isdigit())
+        def cwd_env():
+            return os.getcwd(), dict(os.environ)
+        def status():
+            return open('/proc/self/status').read()
     """)
     steps = [("assert limit('RLIMIT_AS') == (1024 * 2**20, 1024 * 2**20)", True),
              ("assert limit('RLIMIT_NPROC') == (8, 8)", True),
              ("assert limit('RLIMIT_CPU') == (3, 4)", True),  # ceil(timeout_s=1.5) + 1, hard = soft + 1
              ("assert limit('RLIMIT_FSIZE')[0] == 16 * 2**20 and limit('RLIMIT_NOFILE')[0] == 64", True),
-             ("assert os.getuid() >= 1_900_000_000 and os.getgid() == os.getuid() and os.getgroups() == []", True),
-             ("assert os.getpid() == 1 and [p for p in os.listdir('/proc') if p.isdigit()] == ['1']", True),
+             ("uid, gid, groups, pid = ids()\n"
+              "assert uid >= 1_900_000_000 and gid == uid and groups == [] and pid == 1", True),
+             ("assert pids() == ['1', '2']", True),  # its own PID namespace: itself and the judge
              ("assert interfaces() == ['lo']", True),  # a network namespace of its own
-             ("assert os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR']", True),
-             ("assert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'LC_ALL', 'OMP_NUM_THREADS',"
+             ("cwd, env = cwd_env()\nassert cwd == env['HOME'] == env['TMPDIR']", True),
+             ("assert set(cwd_env()[1]) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'LC_ALL', 'OMP_NUM_THREADS',"
               " 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'}", True),
+             ("assert 'CapEff:\\t0000000000000000' in status()", True),
+             # The judge: another unprivileged uid (the program cannot signal or trace it), no capabilities.
+             ("import os\nassert os.getuid() == ids()[0] + 1_000_000 and os.getpid() == 2", True),
              ("assert 'CapEff:\\t0000000000000000' in open('/proc/self/status').read()", True)]
     result = strict.run(probe, steps)
     assert result.isolation == "namespaces"
-    assert (result.passed, result.total) == (10, 10), result.test_errors
+    assert (result.passed, result.total) == (12, 12), result.test_errors
 
 
 def test_passed_steps_are_counted_one_by_one(strict):
