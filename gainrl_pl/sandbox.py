@@ -17,6 +17,8 @@ starts, times out, reads and cleans up.
 from __future__ import annotations
 
 import builtins
+import hashlib
+import hmac
 import itertools
 import logging
 import marshal
@@ -222,17 +224,17 @@ class Sandbox:
         work.mkdir(mode=0o700)
         # With a command_prefix the wrapper is the isolation: `auto` then means rlimits inside it.
         isolation = "rlimits" if self.command_prefix and self.isolation == "auto" else self.isolation
-        nonce = secrets.token_hex(16)
+        key = secrets.token_bytes(32)  # authenticates the result lines (sandbox_child._write_result)
         log_path = base / "output.log"
         # The verdicts go to a file without a name (only the judge's inherited descriptor reaches it), so no
         # program can open it by path, whatever its uid.
         result_fd = _anonymous_file(base)
         judge_uid = uid + _UID_SPAN if uid + _UID_SPAN <= _MAX_UID else uid - _UID_SPAN
-        # Part 1 is all the program's process ever holds; part 2 (the tests and the nonce) is read by the
+        # Part 1 is all the program's process ever holds; part 2 (the tests and the key) is read by the
         # launcher only after it forked the program (sandbox_child.main).
         part1 = {"program": program, "setup": setup, "workdir": str(work), "result_fd": result_fd, "uid": uid,
                  "judge_uid": judge_uid, "limits": self.limits.child_limits(), "isolation": isolation}
-        part2 = {"steps": [[s, bool(c)] for s, c in steps], "names": names, "nonce": nonce}
+        part2 = {"steps": [[s, bool(c)] for s, c in steps], "names": names, "key": key}
         prefix = [a.replace("{scratch}", str(base)) for a in (self.command_prefix or [])]
         # -I: ignore PYTHON* variables and the user site, no script dir on sys.path; -S: stdlib only,
         # unless site_packages (then also the interpreter's site-packages).
@@ -261,21 +263,23 @@ class Sandbox:
                     _kill_group(proc.pid)
                     proc.wait()
             result.returncode = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-            self._read_results(_read_all(result_fd), nonce, steps, result)
+            self._read_results(_read_all(result_fd), key, steps, result)
         finally:
             os.close(result_fd)
         with open(log_path, "rb") as f:
             result.output = f.read(_OUTPUT_CHARS * 4).decode("utf-8", "replace")[:_OUTPUT_CHARS]
 
     @staticmethod
-    def _read_results(data: bytes, nonce: str, steps, result: SandboxResult) -> None:
+    def _read_results(data: bytes, key: bytes, steps, result: SandboxResult) -> None:
         counted = {i for i, (_, c) in enumerate(steps) if c}
         passed = set()
         # Complete lines only: a line cut short when its writer was killed must not read as another verdict.
-        for line in data.decode("utf-8", "replace").split("\n")[:-1]:
-            tag_nonce, _, rest = line.partition(" ")
-            if tag_nonce != nonce:  # only lines from the launcher and the judge carry the run's secret nonce
+        for line in data.split(b"\n")[:-1]:
+            mac, _, body = line.partition(b" ")
+            expected = hashlib.blake2b(body, key=key, digest_size=16).hexdigest().encode()
+            if not hmac.compare_digest(mac, expected):  # only the launcher and the judge hold the run's key
                 continue
+            rest = body.decode("utf-8", "replace")
             tag, _, detail = rest.partition(" ")
             if tag == "I":
                 result.isolation, _, result.note = detail.partition(" ")

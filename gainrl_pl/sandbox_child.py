@@ -13,7 +13,8 @@ Process tree of one run (see docs/sandbox.md, "Verdicts"):
                                       decides and reports every verdict; never runs program code
 
 The verdict is decided where the program's code never runs. The judge holds the test code, the result
-descriptor and the run's nonce; the program's process is forked before the launcher reads any of them.
+descriptor and the run's key (each result line carries a keyed hash); the program's process is forked before
+the launcher reads any of them.
 Values cross from the program to the judge as JSON read by the C scanner into builtin types only (numbers,
 strings, bytes, None, bool, and lists / tuples / dicts / sets of those). Anything else stays in the program's
 process as a handle: the judge can pass it back, call it, read its attributes, items, length, truth, str and
@@ -24,6 +25,7 @@ namespaces and makes every mount read-only except the scratch directory; the pro
 the new PID namespace, so when it exits the kernel kills everything it left behind (and the judge).
 """
 
+import _blake2
 import _json
 import builtins
 import ctypes
@@ -710,8 +712,8 @@ def _program_exception(names, message):
 class Judge:
     """Sends requests to the program's process and reads its replies as plain data."""
 
-    def __init__(self, channel, program_pid):
-        self.channel, self.program_pid = channel, program_pid
+    def __init__(self, channel):
+        self.channel = channel
         self.broken = None
         self._handles = {}
         self.decode = make_decoder(self._handle)
@@ -727,23 +729,13 @@ class Judge:
         self.broken = reason
         raise ProgramError(reason)
 
-    def exit_status(self):
-        try:
-            pid, status = os.waitpid(self.program_pid, os.WNOHANG)
-        except ChildProcessError:
-            return ""
-        if pid == 0:
-            return ""
-        return f" (exit status {os.waitstatus_to_exitcode(status)})" if os.WIFEXITED(status) else \
-            f" (killed by signal {os.WTERMSIG(status)})"
-
     def receive(self):
         try:
             frame = self.channel.receive()
         except (OSError, ValueError) as err:
             self._fail(f"the program broke the protocol: {err}")
         if frame is None:
-            self._fail("the program's process ended" + self.exit_status())
+            self._fail("the program's process ended")
         try:
             reply = self.decode(frame)
         except Exception as err:  # noqa: BLE001 (whatever the scanner raises: the reply is refused)
@@ -780,7 +772,7 @@ class Judge:
         try:
             self.channel.send(marshal.dumps((op, ref, blob, has_references), 2))
         except OSError as err:
-            self._fail(f"the program's process ended{self.exit_status()} ({err.strerror})")
+            self._fail(f"the program's process ended ({err.strerror})")
         reply = self.receive()
         if reply[0] == "ok" and len(reply) in (2, 3):
             return reply
@@ -936,12 +928,12 @@ def _wait_for_hangup(channel):
         pass
 
 
-def _judge_process(job, tests, isolation, read_fd, write_fd, result_fd, program_pid):
+def _judge_process(job, tests, isolation, read_fd, write_fd, result_fd):
     """The forked judge: limits, its own uid, then the tests. Never returns."""
-    nonce = tests["nonce"]
+    key = tests["key"]
 
     def report(tag, text=""):
-        os.write(result_fd, f"{nonce} {tag} {text}\n".encode("utf-8", "replace"))
+        _write_result(result_fd, key, tag, text)
 
     code = 0
     try:
@@ -955,7 +947,7 @@ def _judge_process(job, tests, isolation, read_fd, write_fd, result_fd, program_
         _make_undumpable()  # after the uid change, which resets it
         os.chdir("/")
         _no_huge_int_limit()
-        judge = Judge(Channel(read_fd, write_fd), program_pid)
+        judge = Judge(Channel(read_fd, write_fd))
     except BaseException as err:  # noqa: B036
         report("X", f"judge setup failed: {_describe(err)}")
         os._exit(3)
@@ -972,6 +964,14 @@ def _judge_process(job, tests, isolation, read_fd, write_fd, result_fd, program_
     os._exit(code)
 
 
+def _write_result(fd, key, tag, text=""):
+    """One result line: "<keyed BLAKE2b of the rest> <tag> <text>". The key never leaves the launcher, the judge
+    and the training process, so a line is authentic even where a program can read or append to the file."""
+    body = " ".join(f"{tag} {text}".split()).encode("utf-8", "replace")
+    mac = _blake2.blake2b(body, key=key, digest_size=16).hexdigest().encode()
+    os.write(fd, mac + b" " + body + b"\n")
+
+
 def _status_text(status):
     if os.WIFEXITED(status):
         return f"exit status {os.WEXITSTATUS(status)}"
@@ -982,7 +982,7 @@ def main():
     """Launcher entry point: isolate, fork the program, only then read the tests and fork the judge.
 
     The job comes on stdin in two parts. The first (program, setup, limits) is all the program's process
-    inherits; the second (tests, the nonce) is read after that fork, so it never lies in the program's memory.
+    inherits; the second (tests, the key) is read after that fork, so it never lies in the program's memory.
     """
     _make_undumpable()  # inherited by both children; the program cannot read this process either
     job = _read_part(0)
@@ -996,7 +996,7 @@ def main():
             note = _describe(err)
             if job["isolation"] == "namespaces":
                 tests = _read_part(0)
-                os.write(result_fd, f"{tests['nonce']} X namespaces unavailable: {note}\n".encode())
+                _write_result(result_fd, tests["key"], "X", f"namespaces unavailable: {note}")
                 os._exit(3)
     to_program, from_program = os.pipe(), os.pipe()
     program_pid = os.fork()
@@ -1007,16 +1007,16 @@ def main():
     os.close(to_program[0])
     os.close(from_program[1])
     tests = _read_part(0)
-    nonce = tests["nonce"]
-    os.write(result_fd, f"{nonce} I {isolation} {note}\n".encode())
+    key = tests["key"]
+    _write_result(result_fd, key, "I", f"{isolation} {note}")
     try:
         judge_pid = os.fork()
     except OSError:  # namespaces mode: the program (PID 1 there) already ended, and the namespace with it
         _, status = os.waitpid(program_pid, 0)
-        os.write(result_fd, f"{nonce} E the program ended before its tests ran ({_status_text(status)})\n".encode())
+        _write_result(result_fd, key, "E", f"the program ended before its tests ran ({_status_text(status)})")
         os._exit(0)
     if judge_pid == 0:
-        _judge_process(job, tests, isolation, from_program[0], to_program[1], result_fd, program_pid)
+        _judge_process(job, tests, isolation, from_program[0], to_program[1], result_fd)
     os.close(from_program[0])
     os.close(to_program[1])
     _, status = os.waitpid(judge_pid, 0)
@@ -1024,7 +1024,7 @@ def main():
         ended, program_status = os.waitpid(program_pid, os.WNOHANG)
         why = f"the program ended during its tests ({_status_text(program_status)})" if ended else \
             f"the judge was {_status_text(status)}"
-        os.write(result_fd, f"{nonce} E {why}\n".encode())
+        _write_result(result_fd, key, "E", why)
     try:
         os.kill(program_pid, signal.SIGKILL)
         # In namespaces mode the program is PID 1: once it is reaped, everything it left behind is gone.
