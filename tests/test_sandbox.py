@@ -528,6 +528,16 @@ def test_bubblewrap_prefix_when_installed(tmp_path):
     assert sandbox.run("while True:\n    pass", F_STEPS).timed_out
 
 
+def test_another_interpreter_gets_the_launcher_as_source(tmp_path):
+    """The launcher's code goes precompiled to this interpreter; any other `python_executable` (a container's
+    python3) gets its source, which every Python >= 3.10 can run."""
+    other = tmp_path / "python-other"
+    other.symlink_to(sys.executable)
+    sandbox = Sandbox(SandboxLimits(timeout_s=5), python_executable=str(other))
+    result = sandbox.run("def add(a, b):\n    return a + b\n", [("assert add(1, 2) == 3", True), ("assert add(1, 1) == 3", True)])
+    assert (result.passed, result.total, result.loaded) == (1, 2, True), result
+
+
 def test_site_packages_are_opt_in():
     pytest.importorskip("numpy")
     program = "import numpy\nassert numpy.arange(4).sum() == 6" + DEFINE_F
