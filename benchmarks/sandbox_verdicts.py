@@ -193,8 +193,11 @@ def hacks(old_module, args) -> None:
     old_rl = old_module.Sandbox(old_module.SandboxLimits(timeout_s=4), isolation="rlimits")
     new_rl = new_sandbox.Sandbox(new_sandbox.SandboxLimits(timeout_s=4), isolation="rlimits")
     plan = parse_tests(hacks_module.ADD_TESTS)
-    print(f"| result file by path (rlimits mode) | {old_rl.run(hacks_module.RESULT_FILE_BY_PATH, list(plan.steps)).fraction:.2f} "
-          f"| {new_rl.run(hacks_module.RESULT_FILE_BY_PATH, list(plan.steps), program_names=plan.program_names).fraction:.2f} |")
+    for name, program in (("result file by path (rlimits mode)",
+                           "import time\ntime.sleep(0.3)\n" + hacks_module.RESULT_FILE_BY_PATH),):
+        before = old_rl.run(program, list(plan.steps)).fraction
+        after = new_rl.run(program, list(plan.steps), program_names=plan.program_names).fraction
+        print(f"| {name} | {before:.2f} | {after:.2f} |")
     try:
         row = load_humaneval(limit=33)[32]
     except ImportError:

@@ -45,7 +45,9 @@ _CHILD_SOURCE = (Path(__file__).with_name("sandbox_child.py")).read_text(encodin
 # The launcher's code, compiled once here: compiling its source took ~14 ms of every run. It goes ahead of the
 # job on stdin and a tiny `-c` bootstrap runs it; only this interpreter can load it (marshal is
 # version-specific), so another `python_executable` gets the source instead.
-_CHILD_CODE = marshal.dumps(compile(_CHILD_SOURCE, "<sandbox_child>", "exec"))
+# dont_inherit: not this module's `from __future__ import annotations`, which the child's own compile() calls
+# would pass on to every program (postponed annotations: `def f(xs: List[int])` without the import would load).
+_CHILD_CODE = marshal.dumps(compile(_CHILD_SOURCE, "<sandbox_child>", "exec", dont_inherit=True))
 _BOOTSTRAP = """import marshal, os
 def read(n):
     chunks = []
@@ -68,10 +70,12 @@ _MAX_UID = 2**32 - 2
 _run_counter = itertools.count()
 
 BUBBLEWRAP_PREFIX = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                     "--bind", "{scratch}", "{scratch}", "--unshare-all", "--die-with-parent", "--new-session", "--"]
+                     "--bind", "{scratch}", "{scratch}", "--unshare-all", "--cap-drop", "ALL", "--die-with-parent",
+                     "--new-session", "--"]
 """A `command_prefix` for bubblewrap (no root needed where unprivileged user namespaces are enabled): a
-read-only view of the host, private /tmp, /dev and /proc, no network, its own PID namespace. See
-docs/sandbox.md."""
+read-only view of the host, private /tmp, /dev and /proc, no network, its own PID namespace, and no
+capabilities (bubblewrap run as root keeps them all otherwise, and a program with CAP_SYS_PTRACE could trace
+the judge). See docs/sandbox.md."""
 
 
 @dataclass(frozen=True)
@@ -232,23 +236,23 @@ class Sandbox:
     # ------------------------------------------------------------------------------------------ internals
     def _run_in(self, base: Path, program: str, steps, setup: str, names: list[str], uid: int,
                 result: SandboxResult, start: float) -> None:
-        # base: the output log, which the program must not touch. Made read-only (0511) before the run, so even
-        # a same-uid program (rlimits mode) cannot create files next to its work dir without first chmod-ing it
-        # back. base/work: the program's cwd, HOME and TMPDIR; in namespaces mode a private size-limited tmpfs is
+        # base: the result and log files, which the program must not touch. Made read-only (0511) before the
+        # run, so even a same-uid program (rlimits mode) cannot create files next to its work dir without first
+        # chmod-ing it back. base/work: the program's cwd, HOME and TMPDIR; in namespaces mode a private size-limited tmpfs is
         # mounted on it, the only place the program can write.
         work = base / "work"
         work.mkdir(mode=0o700)
         # With a command_prefix the wrapper is the isolation: `auto` then means rlimits inside it.
         isolation = "rlimits" if self.command_prefix and self.isolation == "auto" else self.isolation
         key = secrets.token_bytes(32)  # authenticates the result lines (sandbox_child._write_result)
-        log_path = base / "output.log"
-        # The verdicts go to a file without a name (only the judge's inherited descriptor reaches it), so no
-        # program can open it by path, whatever its uid.
-        result_fd = _anonymous_file(base)
+        result_path, log_path = base / "result.txt", base / "output.log"
+        # Root-owned 0600 in namespaces mode; in rlimits mode the program may read or append to it, but a
+        # line only counts with the keyed hash of the run's key, which never reaches the program.
+        result_path.touch(mode=0o600)
         judge_uid = uid + _UID_SPAN if uid + _UID_SPAN <= _MAX_UID else uid - _UID_SPAN
         # Part 1 is all the program's process ever holds; part 2 (the tests and the key) is read by the
         # launcher only after it forked the program (sandbox_child.main).
-        part1 = {"program": program, "setup": setup, "workdir": str(work), "result_fd": result_fd, "uid": uid,
+        part1 = {"program": program, "setup": setup, "workdir": str(work), "result_path": str(result_path), "uid": uid,
                  "judge_uid": judge_uid, "limits": self.limits.child_limits(), "isolation": isolation}
         part2 = {"steps": [[s, bool(c)] for s, c in steps], "names": names, "key": key}
         prefix = [a.replace("{scratch}", str(base)) for a in (self.command_prefix or [])]
@@ -264,33 +268,34 @@ class Sandbox:
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
                "LANG": "C.UTF-8", "LC_ALL": "C.UTF-8", "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1",
                "MKL_NUM_THREADS": "1"}
-        try:
-            with open(log_path, "wb") as out:
-                base.chmod(0o511)
-                # start_new_session: the launcher leads a new process group, killed as a whole on timeout.
-                # No preexec_fn: it is unsafe in a multi-threaded parent; the limits are set in the launcher.
-                # The job goes through stdin, so it never lies in a file the program could read.
-                proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                                        cwd=work, env=env, start_new_session=True, close_fds=True,
-                                        pass_fds=(result_fd,))
-                deadline = start + self.limits.timeout_s
-                try:
-                    job = head + _frame(marshal.dumps(part1)) + _frame(marshal.dumps(part2))
-                    sent = _send(proc, job, deadline)
-                    result.timed_out = not (sent and _wait_for_exit(proc, deadline))
-                finally:
-                    # Always, not only on timeout: in rlimits mode leftovers of the program may still run.
-                    _kill_group(proc.pid)
-                    proc.wait()
-            result.returncode = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-            self._read_results(_read_all(result_fd), key, steps, result)
-        finally:
-            os.close(result_fd)
+        with open(log_path, "wb") as out:
+            base.chmod(0o511)
+            # start_new_session: the launcher leads a new process group, killed as a whole on timeout.
+            # No preexec_fn: it is unsafe in a multi-threaded parent; the limits are set in the launcher.
+            # The job goes through stdin, so it never lies in a file the program could read.
+            proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                                    cwd=work, env=env, start_new_session=True, close_fds=True)
+            deadline = start + self.limits.timeout_s
+            try:
+                job = head + _frame(marshal.dumps(part1)) + _frame(marshal.dumps(part2))
+                sent = _send(proc, job, deadline)
+                result.timed_out = not (sent and _wait_for_exit(proc, deadline))
+            finally:
+                # Always, not only on timeout: in rlimits mode leftovers of the program may still run.
+                _kill_group(proc.pid)
+                proc.wait()
+        result.returncode = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
+        self._read_results(result_path, key, steps, result)
         with open(log_path, "rb") as f:
             result.output = f.read(_OUTPUT_CHARS * 4).decode("utf-8", "replace")[:_OUTPUT_CHARS]
 
     @staticmethod
-    def _read_results(data: bytes, key: bytes, steps, result: SandboxResult) -> None:
+    def _read_results(path: Path, key: bytes, steps, result: SandboxResult) -> None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(64 * 1024 * 1024)
+        except OSError:  # e.g. a same-uid program deleted it: nothing it could have said counts anyway
+            data = b""
         counted = {i for i, (_, c) in enumerate(steps) if c}
         passed = set()
         # Complete lines only: a line cut short when its writer was killed must not read as another verdict.
@@ -348,27 +353,6 @@ def free_names(sources: tuple[str, ...]) -> tuple[str, ...]:
 
 def _frame(payload: bytes) -> bytes:
     return b"%08x" % len(payload) + payload
-
-
-def _anonymous_file(directory: Path) -> int:
-    """A read-write descriptor of a new file that has no name (O_TMPFILE, else created and unlinked at once)."""
-    try:
-        return os.open(directory, os.O_TMPFILE | os.O_RDWR, 0o600)
-    except (AttributeError, OSError):
-        fd, path = tempfile.mkstemp(dir=directory)
-        os.unlink(path)
-        return fd
-
-
-def _read_all(fd: int, limit: int = 64 * 1024 * 1024) -> bytes:
-    chunks, offset = [], 0
-    while offset < limit:
-        chunk = os.pread(fd, min(1 << 20, limit - offset), offset)
-        if not chunk:
-            break
-        chunks.append(chunk)
-        offset += len(chunk)
-    return b"".join(chunks)
 
 
 def _send(proc: subprocess.Popen, data: bytes, deadline: float) -> bool:

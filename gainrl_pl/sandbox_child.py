@@ -15,7 +15,7 @@ Process tree of one run (see docs/sandbox.md, "Verdicts"):
 
 The verdict is decided where the program's code never runs. The judge holds the test code, the result
 descriptor and the run's key (each result line carries a keyed hash); the program's process is forked before
-the launcher reads any of them.
+the launcher reads the tests and the key, and closes the result descriptor.
 Values cross from the program to the judge as JSON read by the C scanner into builtin types only (numbers,
 strings, bytes, None, bool, and lists / tuples / dicts / sets of those). Anything else stays in the program's
 process as a handle: the judge can pass it back, call it, read its attributes, items, length, truth and str,
@@ -529,8 +529,8 @@ class ProgramServer:
         """Run setup + program as `__main__` (its `if __name__ == "__main__":` block runs, stdin empty)."""
         try:
             if setup:
-                exec(compile(setup, "<setup>", "exec"), self.namespace)
-            exec(compile(program, "<program>", "exec"), self.namespace)
+                exec(compile(setup, "<setup>", "exec", dont_inherit=True), self.namespace)
+            exec(compile(program, "<program>", "exec", dont_inherit=True), self.namespace)
         except BaseException as err:  # noqa: B036 (SystemExit too: the program did not finish defining itself)
             self.channel.send(('["failed",' + _json.encode_basestring_ascii(_describe(err)) + "]").encode())
             return False
@@ -835,8 +835,9 @@ def run_judge(judge, setup, steps, names, report):
     setup_error = None
     try:  # while the program loads
         if setup:
-            exec(compile(setup, "<setup>", "exec"), namespace)
-        compiled = [(compile(source, f"<test {i}>", "exec"), counted) for i, (source, counted) in enumerate(steps)]
+            exec(compile(setup, "<setup>", "exec", dont_inherit=True), namespace)
+        compiled = [(compile(source, f"<test {i}>", "exec", dont_inherit=True), counted)
+                    for i, (source, counted) in enumerate(steps)]
     except BaseException as err:  # noqa: B036
         setup_error, compiled = err, []
     load_error = judge.wait_loaded()
@@ -912,10 +913,13 @@ def _program_process(job, isolation, read_fd, write_fd):
             pass
         os._exit(3)
     server = ProgramServer(channel)
+    server.load(job["setup"], job["program"])
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except BaseException:  # noqa: B036 (the program may have closed or replaced them, or hit RLIMIT_FSIZE)
+            pass
     try:
-        server.load(job["setup"], job["program"])
-        sys.stdout.flush()
-        sys.stderr.flush()
         # Also after a failed load: in namespaces mode this process is PID 1, and its exit would kill the
         # judge before it reported why.
         server.serve()
@@ -987,7 +991,7 @@ def main():
     """
     _make_undumpable()  # inherited by both children; the program cannot read this process either
     job = _read_part(0)
-    result_fd = job["result_fd"]
+    result_fd = os.open(job["result_path"], os.O_WRONLY | os.O_APPEND)
     isolation, note = "rlimits", ""
     if job["isolation"] == "namespaces" or (job["isolation"] == "auto" and os.geteuid() == 0):
         try:
@@ -1023,7 +1027,7 @@ def main():
     _, status = os.waitpid(judge_pid, 0)
     if not os.WIFEXITED(status):  # e.g. killed when the program, PID 1 of the namespace, ended
         ended, program_status = os.waitpid(program_pid, os.WNOHANG)
-        why = f"the program ended during its tests ({_status_text(program_status)})" if ended else \
+        why = f"the program's process ended before the judge finished ({_status_text(program_status)})" if ended else \
             f"the judge was {_status_text(status)}"
         _write_result(result_fd, key, "E", why)
     try:

@@ -323,48 +323,17 @@ def test_honest_programs_for_the_same_tests_still_score(reward):
 
 
 RESULT_FILE_BY_PATH = code('''
-    # OLD 1.0 in rlimits mode: append verdicts to ../result.txt, whose first line carries the nonce.
+    # OLD 1.0 in rlimits mode (same uid): ../result.txt is the result file. Its first token was the run's
+    # nonce; append verdicts carrying it, and rewrite every line seen there into a pass.
     import os
     path = os.path.join(os.getcwd(), "..", "result.txt")
-    nonce = open(path).read().split()[0]
-    with open(path, "a") as f:
-        f.write("".join(f"{nonce} P {i}\\n" for i in range(4)) + f"{nonce} L \\n{nonce} D \\n")
-    os._exit(0)
-''') + WRONG_ADD
-
-RESULT_FILE_VIA_PROC = code('''
-    # rlimits mode: reach the result file through an ancestor's descriptor (/proc/<pid>/fd needs only the
-    # same uid), learn the line format from what is there, and append passing verdicts in it.
-    import os
-    def ancestors():
-        pid = os.getpid()
-        while pid > 1:
-            with open(f"/proc/{pid}/status") as f:
-                pid = int(next(l for l in f if l.startswith("PPid:")).split()[1])
-            yield pid
-    forged = 0
-    for pid in ancestors():
-        try:
-            fds = os.listdir(f"/proc/{pid}/fd")
-        except OSError:
-            continue
-        for fd in fds:
-            path = f"/proc/{pid}/fd/{fd}"
-            try:
-                if "(deleted)" not in os.readlink(path) or not os.path.isfile(path):
-                    continue
-                with open(path, "r+b") as f:
-                    lines = f.read().splitlines()
-                    token = lines[0].split()[0]  # the nonce, in the old format
-                    f.seek(0, 2)
-                    for i in range(4):
-                        f.write(token + b" P %d\\n" % i)
-                    for line in lines:  # and every line seen, turned into a pass
-                        f.write(line.replace(b" F ", b" P ") + b"\\n")
-                    forged += 1
-            except (OSError, IndexError):
-                continue
-    assert forged, "found no result file to forge"
+    with open(path, "r+b") as f:
+        lines = f.read().splitlines()
+        token = lines[0].split()[0]
+        f.seek(0, 2)
+        f.write(b"".join(token + b" P %d\\n" % i for i in range(4)) + token + b" L \\n" + token + b" D \\n")
+        for line in lines:
+            f.write(line.replace(b" I ", b" P ").replace(b" F ", b" P ") + b"\\n")
     os._exit(0)
 ''') + WRONG_ADD
 
@@ -372,24 +341,14 @@ POLY_REDEFINED = "def poly(xs, x):\n    return 0\n\ndef find_zero(xs):\n    retu
 
 
 def test_a_program_cannot_write_verdicts_into_the_result_file_in_rlimits_mode():
-    """OLD 1.0 in rlimits mode (the program runs as your own user): the result file was `../result.txt`, and
-    the launcher's first line in it carried the nonce. Now the file has no name."""
-    sandbox = Sandbox(SandboxLimits(timeout_s=4), isolation="rlimits")
-    steps = [("assert add(1, 2) == 3", True), ("assert add(2, 2) == 4", True)]
-    result = sandbox.run(RESULT_FILE_BY_PATH, steps)
-    assert result.passed == 0 and "FileNotFoundError" in result.error, result
-
-
-def test_a_program_that_reaches_the_result_file_cannot_forge_a_line():
-    """rlimits mode: a program can open the training process's descriptor of the (nameless) result file
-    through /proc and read or append lines. Each line carries a keyed hash whose key the program never
-    holds, so appended or rewritten lines count for nothing (with the nonce printed in every line, this
-    scored 1.0)."""
+    """OLD 1.0 in rlimits mode (the program runs as your own user): the program can open `../result.txt`, and
+    the launcher's first line in it carried the nonce that made a line count. Now every line carries a keyed
+    hash, and the key never reaches the program: appended or rewritten lines count for nothing."""
     sandbox = Sandbox(SandboxLimits(timeout_s=4), isolation="rlimits")
     steps = [("assert add(1, 2) == 3", True), ("assert add(2, 2) == 4", True)]
     result = sandbox.run("import time\ntime.sleep(0.3)  # let the launcher's first line be written\n"
-                         + RESULT_FILE_VIA_PROC, steps)
-    # It found the file and wrote its lines (else its own assert would have failed), then exited: 0.
+                         + RESULT_FILE_BY_PATH, steps)
+    # It opened the file and wrote its lines (else it would have raised), then exited: nothing counts.
     assert result.passed == 0 and result.error.startswith("the program ended before its tests ran"), result
 
 

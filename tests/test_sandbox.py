@@ -436,13 +436,13 @@ def test_killing_the_parent_or_anything_else_harms_nobody(strict):
 
 # ----------------------------------------------------------------------------------------- rlimits mode
 def test_rlimits_mode_basics():
-    sandbox = Sandbox(SandboxLimits(timeout_s=1), isolation="rlimits")
+    sandbox = Sandbox(SandboxLimits(timeout_s=10, cpu_s=2), isolation="rlimits")  # a loaded CI machine: no timeouts
     ok = sandbox.run("import os, resource\nassert resource.getrlimit(resource.RLIMIT_AS)[0] == 2**30" + DEFINE_F,
                      F_STEPS)
     assert ok.isolation == "rlimits" and ok.passed == 1
     blocked = sandbox.run("import socket\nsocket.socket()" + DEFINE_F, F_STEPS)  # the Python-level guard
     assert blocked.passed == 0 and blocked.error.startswith("PermissionError")
-    looped = sandbox.run("while True:\n    pass" + DEFINE_F, F_STEPS)
+    looped = Sandbox(SandboxLimits(timeout_s=1), isolation="rlimits").run("while True:\n    pass" + DEFINE_F, F_STEPS)
     assert looped.timed_out and looped.passed == 0
 
 
