@@ -305,6 +305,18 @@ def test_hack_scores_zero(reward, name, program, tests):
     assert reward.score(result) == 0.0, (name, result)
 
 
+def test_hacks_score_zero_in_rlimits_mode_too():
+    """The judge does not depend on namespaces: the same hacks, as a non-root user's sandbox would run them."""
+    sandbox = Sandbox(SandboxLimits(timeout_s=4), isolation="rlimits")
+    steps = [(line, True) for line in ADD_TESTS.splitlines()]
+    for name, program in [("frame walk", FRAME_WALK), ("gc reporter", GC_REPORTER), ("os.write", PATCHED_OS_WRITE),
+                          ("exec", PATCHED_EXEC), ("equal", ALWAYS_EQUAL), ("reads tests", READS_THE_TESTS),
+                          ("kills", KILLS_ITS_NEIGHBOURS)]:
+        result = sandbox.run(program, steps, program_names=("add",))
+        assert result.isolation == "rlimits" and result.passed == 0, (name, result)
+    assert sandbox.run("def add(a, b):\n    return a + b\n", steps).passed == 4
+
+
 @pytest.mark.parametrize("program", [TRACED_CHECK, OWN_CHECK], ids=["traced check", "own check"])
 def test_check_style_hacks_score_zero(reward, program):
     assert scores(reward, [program], SQUARE_CHECK, entry_point="square") == [0.0]

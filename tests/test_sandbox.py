@@ -554,5 +554,7 @@ def test_settings_are_validated():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
         SandboxLimits(memory_mb=0)
+    with pytest.raises(ValueError, match="uid_base"):  # programs' and judges' uids must fit below 2**32 - 1
+        Sandbox(uid_base=2**32 - 10)
     assert SandboxLimits(timeout_s=2.5).child_limits()["cpu_s"] == 4
     assert sys.executable  # the default interpreter is this one
