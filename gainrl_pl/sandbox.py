@@ -238,8 +238,8 @@ class Sandbox:
                 result: SandboxResult, start: float) -> None:
         # base: the result and log files, which the program must not touch. Made read-only (0511) before the
         # run, so even a same-uid program (rlimits mode) cannot create files next to its work dir without first
-        # chmod-ing it back. base/work: the program's cwd, HOME and TMPDIR; in namespaces mode a private size-limited tmpfs is
-        # mounted on it, the only place the program can write.
+        # chmod-ing it back. base/work: the program's cwd, HOME and TMPDIR; in namespaces mode a private
+        # size-limited tmpfs is mounted on it, the only place the program can write.
         work = base / "work"
         work.mkdir(mode=0o700)
         # With a command_prefix the wrapper is the isolation: `auto` then means rlimits inside it.
@@ -252,8 +252,8 @@ class Sandbox:
         judge_uid = uid + _UID_SPAN if uid + _UID_SPAN <= _MAX_UID else uid - _UID_SPAN
         # Part 1 is all the program's process ever holds; part 2 (the tests and the key) is read by the
         # launcher only after it forked the program (sandbox_child.main).
-        part1 = {"program": program, "setup": setup, "workdir": str(work), "result_path": str(result_path), "uid": uid,
-                 "judge_uid": judge_uid, "limits": self.limits.child_limits(), "isolation": isolation}
+        part1 = {"program": program, "setup": setup, "workdir": str(work), "result_path": str(result_path),
+                 "uid": uid, "judge_uid": judge_uid, "limits": self.limits.child_limits(), "isolation": isolation}
         part2 = {"steps": [[s, bool(c)] for s, c in steps], "names": names, "key": key}
         prefix = [a.replace("{scratch}", str(base)) for a in (self.command_prefix or [])]
         # -I: ignore PYTHON* variables and the user site, no script dir on sys.path; -S: stdlib only,

