@@ -5,7 +5,8 @@ Every loader returns rows with the same canonical keys, whatever the source call
     prompt       the problem statement (the user turn)
     tests        test code: asserts, or a HumanEval `def check(candidate)` (what `code_execution_reward` runs)
     entry_point  the function under test (`None` when the tests are plain asserts and do not need it)
-    setup_code   trusted code run before the program (the imports a HumanEval stub shows), or ""
+    setup_code   trusted code run before the program and before the tests (a HumanEval stub's imports and
+                 helpers such as `poly`), or ""
 
 plus the source's other fields (task_id, difficulty, solution, ...). `CODE_DATASET_PRESET` reads such rows
 with `gainrl_pl.data.build_examples`: the tests become the example's `answer`, which
@@ -103,6 +104,27 @@ def prompt_imports(stub: str) -> str:
     return "".join(ast.unparse(node) + "\n" for node in module.body if isinstance(node, (ast.Import, ast.ImportFrom)))
 
 
+def prompt_setup(stub: str, entry_point: str) -> str:
+    """A code stub's top level without the function to write: its imports and the helpers it defines
+    (HumanEval/32's `poly`, HumanEval/38's `encode_cyclic`), with their exact text.
+
+    Run as `setup_code`, the helpers are trusted: the judge runs the tests against these definitions, so a
+    program that redefines `poly` to return 0 does not make `find_zero`'s test pass.
+    """
+    try:
+        module = ast.parse(stub)
+    except SyntaxError:
+        return ""
+    lines = stub.splitlines(keepends=True)
+    parts = []
+    for node in module.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == entry_point:
+            continue
+        start = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])]) - 1
+        parts.append("".join(lines[start:node.end_lineno]).rstrip("\n") + "\n")
+    return "\n\n".join(parts) if any(not p.startswith(("import ", "from ")) for p in parts) else "".join(parts)
+
+
 def normalize_code_row(row: dict, preset: CodePreset = CODE_PRESET) -> dict:
     """One source row in the canonical form (see the module docstring); other fields are kept as they are.
 
@@ -162,8 +184,9 @@ def humaneval_path() -> Path:
 def load_humaneval(limit: int | None = None) -> list[dict]:
     """HumanEval's 164 problems as canonical rows, offline.
 
-    The stub (signature + docstring) is shown in a ```python block under an instruction; its imports become
-    `setup_code`; `canonical_solution` is kept, and `solution` (stub + canonical body) is added.
+    The stub (signature + docstring) is shown in a ```python block under an instruction; its imports and
+    helper functions become `setup_code` (`prompt_setup`); `canonical_solution` is kept, and `solution`
+    (stub + canonical body) is added.
 
     Args:
         limit: Only the first `limit` problems.
@@ -180,7 +203,7 @@ def load_humaneval(limit: int | None = None) -> list[dict]:
         stub = row["prompt"]
         canonical = normalize_code_row(row, CODE_PRESETS["humaneval"])
         canonical["prompt"] = f"Complete the following Python function.\n\n```python\n{stub.rstrip()}\n```"
-        canonical["setup_code"] = prompt_imports(stub)
+        canonical["setup_code"] = prompt_setup(stub, row["entry_point"])
         canonical["solution"] = stub + row["canonical_solution"]
         out.append(canonical)
     return out

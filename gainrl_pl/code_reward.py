@@ -9,8 +9,11 @@ Tests come in two styles, told apart by whether the test code defines `check`:
 - HumanEval style: the test code defines `check(candidate)`; `check(<entry_point>)` is one test case,
   all or nothing.
 
-Each program runs in its own sandboxed process (`gainrl_pl.sandbox`); many run at once on a bounded
-thread pool, so one infinite loop costs one worker one timeout, not the batch.
+Each program runs in its own sandboxed process (`gainrl_pl.sandbox`), and its tests in another one, the
+judge, which calls into the program and decides every verdict itself: a program cannot report a test as
+passed, patch the tests' builtins or hand them an object that equals everything (docs/sandbox.md,
+"Verdicts"). Many programs run at once on a bounded thread pool, so one infinite loop costs one worker one
+timeout, not the batch.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from gainrl_pl.sandbox import DEFAULT_UID_BASE, Sandbox, SandboxLimits, SandboxResult
+from gainrl_pl.sandbox import DEFAULT_UID_BASE, Sandbox, SandboxLimits, SandboxResult, free_names
 
 # ```python / ```py / ```python3 (any case), then the code up to a closing fence or the end of the text:
 # a completion cut off by max_new_tokens inside its block still yields the code it has.
@@ -68,10 +71,13 @@ class TestPlan:
         steps: (source, counted) pairs run in order after the program; counted steps are test cases.
         style: `asserts` (each assert a case), `check` (HumanEval: one case), or `script` (no asserts and
             no `check`: the whole test code is one case that passes if it runs without an exception).
+        program_names: The global names the tests take from the program: the names they read but never
+            bind, builtins excluded, plus the entry point (even when it shadows a builtin).
     """
 
     steps: tuple[tuple[str, bool], ...]
     style: str
+    program_names: tuple[str, ...] = ()
 
     @property
     def num_cases(self) -> int:
@@ -96,6 +102,14 @@ def parse_tests(tests: str | Sequence[str], entry_point: str | None = None) -> T
 
 @lru_cache(maxsize=4096)  # the same tests come back G times per prompt and once per round
 def _parse_tests(source: str, entry_point: str | None) -> TestPlan:
+    plan = _plan_steps(source, entry_point)
+    names = set(free_names(tuple(step for step, _ in plan.steps)))
+    if entry_point:
+        names.add(entry_point)
+    return TestPlan(plan.steps, plan.style, tuple(sorted(names)))
+
+
+def _plan_steps(source: str, entry_point: str | None) -> TestPlan:
     if not source.strip():
         raise ValueError("empty tests: every code sample needs test code (asserts or a check function)")
     try:
@@ -220,7 +234,8 @@ class CodeExecutionReward:
             return results
         with ThreadPoolExecutor(max_workers=min(self.max_workers, len(todo)),
                                 thread_name_prefix="code-reward") as pool:
-            futures = {i: pool.submit(self.sandbox.run, jobs[i][0], list(jobs[i][1].steps), jobs[i][2])
+            futures = {i: pool.submit(self.sandbox.run, jobs[i][0], list(jobs[i][1].steps), jobs[i][2],
+                                      program_names=jobs[i][1].program_names)
                        for i in todo}
             for i, future in futures.items():
                 results[i] = future.result()

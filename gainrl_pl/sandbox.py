@@ -6,12 +6,19 @@ open files), a wall-clock timeout after which the whole process group is SIGKILL
 environment. As root it also uses Linux namespaces and an unprivileged uid (`namespaces` mode); otherwise
 it falls back to `rlimits` mode. What each mode does and does not protect: docs/sandbox.md.
 
+Verdicts: the tests run in a separate judge process that never runs program code; the program's process only
+answers the judge's calls with plain data, so nothing the program does inside its interpreter can report a
+test as passed (docs/sandbox.md, "Verdicts").
+
 The code that runs inside the sandbox lives in `gainrl_pl/sandbox_child.py`; this module only prepares,
 starts, times out, reads and cleans up.
 """
 
 from __future__ import annotations
 
+import builtins
+import hashlib
+import hmac
 import itertools
 import logging
 import marshal
@@ -22,28 +29,53 @@ import select
 import shutil
 import signal
 import subprocess
+import symtable
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 log = logging.getLogger(__name__)
 
 ISOLATION_MODES = ("auto", "namespaces", "rlimits")
 _CHILD_SOURCE = (Path(__file__).with_name("sandbox_child.py")).read_text(encoding="utf-8")
+# The launcher's code, compiled once here: compiling its source took ~14 ms of every run. It goes ahead of the
+# job on stdin and a tiny `-c` bootstrap runs it; only this interpreter can load it (marshal is
+# version-specific), so another `python_executable` gets the source instead.
+# dont_inherit: not this module's `from __future__ import annotations`, which the child's own compile() calls
+# would pass on to every program (postponed annotations: `def f(xs: List[int])` without the import would load).
+_CHILD_CODE = marshal.dumps(compile(_CHILD_SOURCE, "<sandbox_child>", "exec", dont_inherit=True))
+_BOOTSTRAP = """import marshal, os
+def read(n):
+    chunks = []
+    while n:
+        chunk = os.read(0, n)
+        if not chunk:
+            raise SystemExit(3)
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+exec(marshal.loads(read(int(read(8), 16))), {"__name__": "__main__"})
+"""
 _OUTPUT_CHARS = 2000  # how much of the program's stdout/stderr a result keeps, for diagnostics
-# Unprivileged uids for namespaces mode: one per run, so RLIMIT_NPROC (counted per uid) is per run and runs
-# cannot signal each other. High enough not to collide with real users; no passwd entry is needed.
+# Unprivileged uids for namespaces mode: one per run for the program, so RLIMIT_NPROC (counted per uid) is per
+# run and runs cannot signal each other, and one from the next span for the run's judge, so the program cannot
+# signal or trace it. High enough not to collide with real users; no passwd entry is needed.
 DEFAULT_UID_BASE = 1_900_000_000
 _UID_SPAN = 1_000_000
+_MAX_UID = 2**32 - 2
 _run_counter = itertools.count()
 
 BUBBLEWRAP_PREFIX = ["bwrap", "--ro-bind", "/", "/", "--dev", "/dev", "--proc", "/proc", "--tmpfs", "/tmp",
-                     "--bind", "{scratch}", "{scratch}", "--unshare-all", "--die-with-parent", "--new-session", "--"]
+                     "--bind", "{scratch}", "{scratch}", "--unshare-all", "--cap-drop", "ALL", "--die-with-parent",
+                     "--new-session", "--"]
 """A `command_prefix` for bubblewrap (no root needed where unprivileged user namespaces are enabled): a
-read-only view of the host, private /tmp, /dev and /proc, no network, its own PID namespace. See
-docs/sandbox.md."""
+read-only view of the host, private /tmp, /dev and /proc, no network, its own PID namespace, and no
+capabilities (bubblewrap run as root keeps them all otherwise, and a program with CAP_SYS_PTRACE could trace
+the judge). See docs/sandbox.md."""
 
 
 @dataclass(frozen=True)
@@ -135,7 +167,8 @@ class Sandbox:
         python_executable: Interpreter for the sandboxed process; `None` = this one (`sys.executable`).
             Set it when `command_prefix` runs a container with its own Python (e.g. `python3`).
         scratch_root: Where scratch directories are created; `None` = the system temp directory.
-        uid_base: First of the unprivileged uids used in namespaces mode (one per run).
+        uid_base: First of the unprivileged uids used in namespaces mode: programs get uids from
+            [uid_base, uid_base + 10^6), their judges the same offset in the next 10^6.
         site_packages: Let programs import the interpreter's installed packages (numpy, ...); by default
             they get the standard library only (`python -S`), which is faster to start and all that
             HumanEval/MBPP-style tasks need.
@@ -156,23 +189,29 @@ class Sandbox:
             isinstance(self.command_prefix, str) or not all(isinstance(a, str) for a in self.command_prefix)
         ):
             raise TypeError("command_prefix must be a list of strings (an argv), e.g. ['bwrap', ...]")
+        if not 0 < self.uid_base <= _MAX_UID - 2 * _UID_SPAN:
+            raise ValueError(f"uid_base={self.uid_base} must be in 1..{_MAX_UID - 2 * _UID_SPAN} (two spans of "
+                             f"{_UID_SPAN} uids follow it)")
         self._warned_fallback = False
 
     def run(self, program: str, steps: list[tuple[str, bool]], setup: str = "", *,
-            uid: int | None = None) -> SandboxResult:
-        """Run `setup` + `program`, then each test step, in one sandboxed process; never raises for what
-        the program does.
+            program_names: Sequence[str] | None = None, uid: int | None = None) -> SandboxResult:
+        """Run `setup` + `program` in one sandboxed process and the test steps in another (the judge), which
+        calls into the program; never raises for what the program does.
 
         Args:
             program: The untrusted Python source.
-            steps: (source, counted) pairs run in order in the program's namespace after it loaded;
+            steps: (source, counted) pairs the judge runs in order, after `setup`, once the program loaded;
                 counted steps are the test cases (pass = no exception), the others are test set-up.
-            setup: Trusted source run just before the program in the same namespace (e.g. imports a
-                problem statement promises).
-            uid: The unprivileged uid for namespaces mode; `None` = a fresh one from `uid_base`.
+            setup: Trusted source run before the program in its namespace (e.g. imports a problem statement
+                promises), and before the steps in the judge's.
+            program_names: The global names the steps take from the program (the function under test,
+                classes it defines); `None` = `free_names(steps)`. A name the setup defines is never taken
+                from the program, nor is a builtin (unless listed here).
+            uid: The program's unprivileged uid in namespaces mode; `None` = a fresh one from `uid_base`.
 
         Returns:
-            A `SandboxResult`; `passed` counts only what the child reported before it ended.
+            A `SandboxResult`; `passed` counts only what the judge reported before it ended.
         """
         start = time.perf_counter()
         counted = [i for i, (_, c) in enumerate(steps) if c]
@@ -180,8 +219,10 @@ class Sandbox:
         if uid is None:
             uid = self.uid_base + (os.getpid() * 7919 + next(_run_counter)) % _UID_SPAN
         base = Path(tempfile.mkdtemp(prefix="gainrl_sandbox_", dir=self.scratch_root))
+        if program_names is None:
+            program_names = free_names(tuple(source for source, _ in steps))
         try:
-            self._run_in(base, program, steps, setup, uid, result, start)
+            self._run_in(base, program, steps, setup, list(program_names), uid, result, start)
         finally:
             _remove_tree(base)
             result.duration_s = time.perf_counter() - start
@@ -193,27 +234,35 @@ class Sandbox:
         return result
 
     # ------------------------------------------------------------------------------------------ internals
-    def _run_in(self, base: Path, program: str, steps, setup: str, uid: int, result: SandboxResult,
-                start: float) -> None:
-        # base: the result and log files, which the program must not touch. Made read-only (0511) before
-        # the run, so even a same-uid program (rlimits mode) cannot create files next to its work dir
-        # without first chmod-ing it back. base/work: the program's cwd, HOME and TMPDIR; in namespaces
-        # mode a private size-limited tmpfs is mounted on it, the only place the program can write.
+    def _run_in(self, base: Path, program: str, steps, setup: str, names: list[str], uid: int,
+                result: SandboxResult, start: float) -> None:
+        # base: the result and log files, which the program must not touch. Made read-only (0511) before the
+        # run, so even a same-uid program (rlimits mode) cannot create files next to its work dir without first
+        # chmod-ing it back. base/work: the program's cwd, HOME and TMPDIR; in namespaces mode a private
+        # size-limited tmpfs is mounted on it, the only place the program can write.
         work = base / "work"
         work.mkdir(mode=0o700)
         # With a command_prefix the wrapper is the isolation: `auto` then means rlimits inside it.
         isolation = "rlimits" if self.command_prefix and self.isolation == "auto" else self.isolation
-        nonce = secrets.token_hex(16)
+        key = secrets.token_bytes(32)  # authenticates the result lines (sandbox_child._write_result)
         result_path, log_path = base / "result.txt", base / "output.log"
+        # Root-owned 0600 in namespaces mode; in rlimits mode the program may read or append to it, but a
+        # line only counts with the keyed hash of the run's key, which never reaches the program.
         result_path.touch(mode=0o600)
-        job = {"program": program, "steps": [[s, bool(c)] for s, c in steps], "setup": setup, "nonce": nonce,
-               "workdir": str(work), "result_path": str(result_path), "uid": uid,
-               "limits": self.limits.child_limits(), "isolation": isolation}
+        judge_uid = uid + _UID_SPAN if uid + _UID_SPAN <= _MAX_UID else uid - _UID_SPAN
+        # Part 1 is all the program's process ever holds; part 2 (the tests and the key) is read by the
+        # launcher only after it forked the program (sandbox_child.main).
+        part1 = {"program": program, "setup": setup, "workdir": str(work), "result_path": str(result_path),
+                 "uid": uid, "judge_uid": judge_uid, "limits": self.limits.child_limits(), "isolation": isolation}
+        part2 = {"steps": [[s, bool(c)] for s, c in steps], "names": names, "key": key}
         prefix = [a.replace("{scratch}", str(base)) for a in (self.command_prefix or [])]
         # -I: ignore PYTHON* variables and the user site, no script dir on sys.path; -S: stdlib only,
         # unless site_packages (then also the interpreter's site-packages).
         flags = ["-I"] if self.site_packages else ["-I", "-S"]
-        argv = [*prefix, self.python_executable or sys.executable, *flags, "-c", _CHILD_SOURCE]
+        if self.python_executable in (None, sys.executable):
+            argv, head = [*prefix, sys.executable, *flags, "-c", _BOOTSTRAP], _frame(_CHILD_CODE)
+        else:
+            argv, head = [*prefix, self.python_executable, *flags, "-c", _CHILD_SOURCE], b""
         # Scrubbed: nothing of the training process's environment (tokens, proxies, CUDA settings) passes.
         # One BLAS/OpenMP thread: threads count against RLIMIT_NPROC, and runs already go in parallel.
         env = {"PATH": "/usr/local/bin:/usr/bin:/bin", "HOME": str(work), "TMPDIR": str(work),
@@ -223,35 +272,39 @@ class Sandbox:
             base.chmod(0o511)
             # start_new_session: the launcher leads a new process group, killed as a whole on timeout.
             # No preexec_fn: it is unsafe in a multi-threaded parent; the limits are set in the launcher.
-            # The job (tests, nonce) goes through stdin, so it never lies in a file the program could read.
+            # The job goes through stdin, so it never lies in a file the program could read.
             proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                                     cwd=work, env=env, start_new_session=True, close_fds=True)
             deadline = start + self.limits.timeout_s
             try:
-                sent = _send(proc, marshal.dumps(job), deadline)
+                job = head + _frame(marshal.dumps(part1)) + _frame(marshal.dumps(part2))
+                sent = _send(proc, job, deadline)
                 result.timed_out = not (sent and _wait_for_exit(proc, deadline))
             finally:
                 # Always, not only on timeout: in rlimits mode leftovers of the program may still run.
                 _kill_group(proc.pid)
                 proc.wait()
         result.returncode = proc.returncode if proc.returncode >= 0 else 128 - proc.returncode
-        self._read_results(result_path, nonce, steps, result)
+        self._read_results(result_path, key, steps, result)
         with open(log_path, "rb") as f:
             result.output = f.read(_OUTPUT_CHARS * 4).decode("utf-8", "replace")[:_OUTPUT_CHARS]
 
     @staticmethod
-    def _read_results(path: Path, nonce: str, steps, result: SandboxResult) -> None:
-        if not path.exists():
-            result.error = result.error or "the sandbox did not start (no result file)"
-            return
+    def _read_results(path: Path, key: bytes, steps, result: SandboxResult) -> None:
+        try:
+            with open(path, "rb") as f:
+                data = f.read(64 * 1024 * 1024)
+        except OSError:  # e.g. a same-uid program deleted it: nothing it could have said counts anyway
+            data = b""
         counted = {i for i, (_, c) in enumerate(steps) if c}
         passed = set()
-        with open(path, "rb") as f:
-            text = f.read(64 * 1024 * 1024).decode("utf-8", "replace")
-        for line in text.splitlines():
-            tag_nonce, _, rest = line.partition(" ")
-            if tag_nonce != nonce:  # only lines from the harness carry the run's secret nonce
+        # Complete lines only: a line cut short when its writer was killed must not read as another verdict.
+        for line in data.split(b"\n")[:-1]:
+            mac, _, body = line.partition(b" ")
+            expected = hashlib.blake2b(body, key=key, digest_size=16).hexdigest().encode()
+            if not hmac.compare_digest(mac, expected):  # only the launcher and the judge hold the run's key
                 continue
+            rest = body.decode("utf-8", "replace")
             tag, _, detail = rest.partition(" ")
             if tag == "I":
                 result.isolation, _, result.note = detail.partition(" ")
@@ -274,6 +327,32 @@ class Sandbox:
                 result.error = f"the sandbox exited with status {result.returncode} before running the program"
             elif result.returncode:
                 result.error = f"the sandbox exited with status {result.returncode}"
+
+
+@lru_cache(maxsize=4096)  # the same tests come back G times per prompt and once per round
+def free_names(sources: tuple[str, ...]) -> tuple[str, ...]:
+    """The global names test code reads but never binds itself, builtins and dunders left out: what the judge
+    takes from the program (the function under test, a class the tests construct, a helper they call).
+
+    `sources` run in order in one namespace; () if they do not parse (the judge then reports the error).
+    """
+    try:
+        table = symtable.symtable("\n".join(sources), "<tests>", "exec")
+    except (SyntaxError, ValueError):
+        return ()
+    bound = {s.get_name() for s in table.get_symbols() if s.is_assigned() or s.is_imported() or s.is_namespace()}
+    used: set[str] = set()
+    tables = [table]
+    while tables:
+        current = tables.pop()
+        used.update(s.get_name() for s in current.get_symbols()
+                    if s.is_referenced() and (current is table or s.is_global()))
+        tables.extend(current.get_children())
+    return tuple(sorted(n for n in used - bound if not hasattr(builtins, n) and not n.startswith("__")))
+
+
+def _frame(payload: bytes) -> bytes:
+    return b"%08x" % len(payload) + payload
 
 
 def _send(proc: subprocess.Popen, data: bytes, deadline: float) -> bool:

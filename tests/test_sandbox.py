@@ -1,4 +1,5 @@
-"""gainrl_pl.sandbox: limits, timeouts and isolation, checked by running hostile programs.
+"""gainrl_pl.sandbox: limits, timeouts and isolation, checked by running hostile programs; what honest programs
+can do through the judge (the process that runs the tests); the wire format between them.
 
 Every hostile program guards itself: it first checks that the limit meant to stop it is in force and
 refuses otherwise (the allocation, the fork loop, the kills), so a broken sandbox fails a test instead of
@@ -21,7 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from gainrl_pl.sandbox import BUBBLEWRAP_PREFIX, DEFAULT_UID_BASE, Sandbox, SandboxLimits
+from gainrl_pl import sandbox_child
+from gainrl_pl.sandbox import BUBBLEWRAP_PREFIX, DEFAULT_UID_BASE, Sandbox, SandboxLimits, free_names
 
 REPO = Path(__file__).resolve().parents[1]
 DEFINE_F = "\ndef f():\n    return 1\n"
@@ -63,27 +65,40 @@ def processes_of(uid: int) -> list[int]:
 
 # ----------------------------------------------------------------------------------------- basics
 def test_limits_and_isolation_are_in_force(strict):
+    # The steps run in the judge, so what the program's process sees comes back through its functions.
     probe = textwrap.dedent("""
         import os, resource, socket
         def limit(name):
             return resource.getrlimit(getattr(resource, name))
         def interfaces():
             return [name for _, name in socket.if_nameindex()]
+        def ids():
+            return os.getuid(), os.getgid(), os.getgroups(), os.getpid()
+        def pids():
+            return sorted(p for p in os.listdir('/proc') if p.isdigit())
+        def cwd_env():
+            return os.getcwd(), dict(os.environ)
+        def status():
+            return open('/proc/self/status').read()
     """)
     steps = [("assert limit('RLIMIT_AS') == (1024 * 2**20, 1024 * 2**20)", True),
              ("assert limit('RLIMIT_NPROC') == (8, 8)", True),
              ("assert limit('RLIMIT_CPU') == (3, 4)", True),  # ceil(timeout_s=1.5) + 1, hard = soft + 1
              ("assert limit('RLIMIT_FSIZE')[0] == 16 * 2**20 and limit('RLIMIT_NOFILE')[0] == 64", True),
-             ("assert os.getuid() >= 1_900_000_000 and os.getgid() == os.getuid() and os.getgroups() == []", True),
-             ("assert os.getpid() == 1 and [p for p in os.listdir('/proc') if p.isdigit()] == ['1']", True),
+             ("uid, gid, groups, pid = ids()\n"
+              "assert uid >= 1_900_000_000 and gid == uid and groups == [] and pid == 1", True),
+             ("assert pids() == ['1', '2']", True),  # its own PID namespace: itself and the judge
              ("assert interfaces() == ['lo']", True),  # a network namespace of its own
-             ("assert os.getcwd() == os.environ['HOME'] == os.environ['TMPDIR']", True),
-             ("assert set(os.environ) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'LC_ALL', 'OMP_NUM_THREADS',"
+             ("cwd, env = cwd_env()\nassert cwd == env['HOME'] == env['TMPDIR']", True),
+             ("assert set(cwd_env()[1]) <= {'PATH', 'HOME', 'TMPDIR', 'LANG', 'LC_ALL', 'OMP_NUM_THREADS',"
               " 'OPENBLAS_NUM_THREADS', 'MKL_NUM_THREADS'}", True),
+             ("assert 'CapEff:\\t0000000000000000' in status()", True),
+             # The judge: another unprivileged uid (the program cannot signal or trace it), no capabilities.
+             ("import os\nassert os.getuid() == ids()[0] + 1_000_000 and os.getpid() == 2", True),
              ("assert 'CapEff:\\t0000000000000000' in open('/proc/self/status').read()", True)]
     result = strict.run(probe, steps)
     assert result.isolation == "namespaces"
-    assert (result.passed, result.total) == (10, 10), result.test_errors
+    assert (result.passed, result.total) == (12, 12), result.test_errors
 
 
 def test_passed_steps_are_counted_one_by_one(strict):
@@ -107,6 +122,175 @@ def test_printed_or_forged_results_are_not_counted(strict):
             "    except OSError:\n        pass\nos._exit(0)\n"
     result = strict.run(forge, F_STEPS)
     assert result.passed == 0 and not result.loaded
+
+
+# ----------------------------------------------------------------------------------------- through the judge
+HONEST = textwrap.dedent("""
+    import collections, enum, math
+    LIMIT = 10
+    class Color(enum.IntEnum):
+        RED = 1
+    Point = collections.namedtuple("Point", "x y")
+    def values():
+        return (1, 2.5, "é", b"\\x00", None, True, [1, (2, 3)], {1: "a", (2, 3): {4}}, frozenset({5}), 1j,
+                bytearray(b"z"), 10**5000)
+    def color():
+        return Color.RED
+    def point():
+        return Point(1, 2)
+    def sort_in_place(xs, *, reverse=False):
+        xs.sort(reverse=reverse)
+    def fill(d, key):
+        d[key] = [1]
+    def squares(n):
+        return (i * i for i in range(n))
+    def positive(x):
+        if x < 0:
+            raise ValueError("negative")
+        return x
+    class Stack:
+        def __init__(self):
+            self.items = []
+        def push(self, x):
+            self.items.append(x)
+        def pop(self):
+            return self.items.pop()
+        def __len__(self):
+            return len(self.items)
+    class Pair:
+        def __init__(self, a, b):
+            self.a, self.b = a, b
+    def chain_length(pairs):
+        end, count = float("-inf"), 0
+        for p in sorted(pairs, key=lambda p: p.b):
+            if p.a > end:
+                end, count = p.b, count + 1
+        return count
+    calls = 0
+    def next_id():
+        global calls
+        calls += 1
+        return calls
+    def apply(f, x):
+        return f(x)
+""")
+HONEST_STEPS = [
+    ("assert values() == (1, 2.5, 'é', b'\\x00', None, True, [1, (2, 3)], {1: 'a', (2, 3): {4}}, frozenset({5}),"
+     " 1j, bytearray(b'z'), 10**5000)", True),
+    ("assert type(values()[5]) is bool and type(values()[0]) is int", True),
+    ("assert color() == 1 and type(color()) is int", True),  # subclasses of builtins cross as their value
+    ("assert point() == (1, 2)", True),
+    ("xs = [3, 1, 2]\nsort_in_place(xs, reverse=True)\nassert xs == [3, 2, 1]", True),  # in-place changes come back
+    ("d = {}\nfill(d, key='k')\nassert d == {'k': [1]}", True),
+    ("assert list(squares(4)) == [0, 1, 4, 9] and sum(squares(3)) == 5", True),  # iterables are iterated there
+    ("try:\n    positive(-1)\nexcept ValueError as e:\n    assert str(e) == 'negative'\n"
+     "else:\n    raise AssertionError('no error')", True),
+    ("s = Stack()\ns.push(1)\ns.push(2)\nassert s.pop() == 2 and len(s) == 1 and s.items == [1] and s == s", True),
+    ("assert Stack() != Stack() and bool(Stack()) is False", True),  # handles: identity, the program's __len__
+    ("assert chain_length([Pair(1, 2), Pair(3, 4), Pair(2, 5)]) == 2", True),  # objects the tests build there
+    ("assert LIMIT == 10 and math.isqrt(LIMIT * 10) == 10", True),  # the program's constant and its import
+    ("assert next_id() == 1", True),
+    ("assert next_id() == 2", True),  # one process for all the tests: state carries over, as before
+    ("assert apply(lambda x: x, 1) == 1", True),  # a test's own function cannot cross: fails, and says why
+]
+
+
+def test_honest_programs_through_the_judge(namespaces_ok):
+    sandbox = Sandbox(SandboxLimits(timeout_s=10))
+    result = sandbox.run(HONEST, HONEST_STEPS)
+    assert result.loaded and result.total == len(HONEST_STEPS)
+    assert result.passed == len(HONEST_STEPS) - 1, result.test_errors
+    assert list(result.test_errors) == [len(HONEST_STEPS) - 1]
+    assert "function cannot be passed to the program" in result.test_errors[len(HONEST_STEPS) - 1]
+
+
+def test_what_the_tests_take_from_the_program():
+    tests = ("import math\nMETADATA = {}\n\ndef check(candidate):\n    xs = [1]\n"
+             "    assert math.fabs(poly(xs, candidate(xs))) < 1e-6\n    assert all(helper(x) for x in xs)\n",
+             "check(find_zero)")
+    assert free_names(tests) == ("find_zero", "helper", "poly")  # not math, check, METADATA, xs, all, abs
+    assert free_names(("assert add(1, 2) == 3\nbig = list(range(3))\nassert add(*big) == 3",)) == ("add",)
+    assert free_names(("assert (",)) == ()  # not Python: the judge reports the SyntaxError
+
+
+def test_a_name_the_setup_defines_is_the_setups(namespaces_ok):
+    """The trusted setup code (e.g. HumanEval's `poly`) wins over the program's definition in the judge."""
+    sandbox = Sandbox(SandboxLimits(timeout_s=5))
+    setup = "def helper(x):\n    return x + 1\n"
+    program = "def helper(x):\n    return 0\ndef f(x):\n    return helper(x)\n"
+    steps = [("assert helper(1) == 2", True), ("assert f(1) == 0", True)]
+    assert sandbox.run(program, steps, setup).passed == 2
+
+
+# ----------------------------------------------------------------------------------------- wire format
+def decode(text: str):
+    return sandbox_child.make_decoder(lambda n: ("handle", n))(text.encode())
+
+
+def exact_builtins_only(value) -> bool:
+    kinds = (type(None), bool, int, float, complex, str, bytes, bytearray, list, tuple, dict, set, frozenset)
+    if type(value) not in kinds:
+        return False
+    if type(value) in (list, tuple, set, frozenset):
+        return all(exact_builtins_only(v) for v in value)
+    if type(value) is dict:
+        return all(exact_builtins_only(k) and exact_builtins_only(v) for k, v in value.items())
+    return True
+
+
+def test_program_values_cross_as_exact_builtins():
+    class Int(int):
+        def __eq__(self, other):
+            return True
+
+        __hash__ = int.__hash__
+
+    encoder = sandbox_child.ProgramEncoder()
+    values = [0, -1, 10**400, 1.5, float("inf"), -0.0, "a\u00e9\n\x00\ud800", b"\xff", None, True, [], (1,),
+              {"k": [1, (2, {3})]}, {(1, 2): frozenset({b"x"})}, 2 + 3j, bytearray(b"ab"), [[[]]], {1: None}]
+    for value in values:
+        decoded = decode(encoder.encode(value))
+        assert decoded == value and type(decoded) is type(value) and exact_builtins_only(decoded), value
+    assert decode(encoder.encode(Int(-7))) == -7 and type(decode(encoder.encode(Int(-7)))) is int
+    assert decode(encoder.encode([object(), Int(2)])) == [("handle", 1), 2]
+    nan = decode(encoder.encode(float("nan")))
+    assert nan != nan
+
+
+@pytest.mark.parametrize("text", ['{"t": 1}', '{"x": []}', '{"t": [], "s": []}', '{"d": [[1]]}', '{"d": [[[1], 2]]}',
+                                  '{"h": "1"}', '{"h": 0}', '{"c": [1, "2"]}', '[1] [2]', "nope", '{"s": [[1]]}',
+                                  '"\\ud800', "[" * 100_000 + "]" * 100_000])
+def test_malformed_program_data_is_refused(text):
+    with pytest.raises((ValueError, TypeError, RecursionError, SystemError)):
+        decode(text)
+
+
+def test_frames_are_checked():
+    read_fd, write_fd = os.pipe()
+    try:
+        channel = sandbox_child.Channel(read_fd, write_fd)
+        channel.send(b"hello")
+        channel.send(b"x" * 30_000)  # the pipe's buffer holds both: nothing reads yet
+        assert channel.receive() == b"hello" and channel.receive() == b"x" * 30_000
+        os.write(write_fd, b"0000000zjunk")
+        with pytest.raises(ValueError, match="malformed frame header"):
+            channel.receive()
+    finally:
+        os.close(read_fd)
+        os.close(write_fd)
+    read_fd, write_fd = os.pipe()
+    os.write(write_fd, b"fffffffff")
+    os.close(write_fd)
+    with pytest.raises(ValueError, match="over the limit"):
+        sandbox_child.Channel(read_fd, -1).receive()
+    os.close(read_fd)
+
+
+def test_test_data_for_the_program_keeps_its_types():
+    blob, refs = sandbox_child.pack(((1, [2], {3: b"4"}, {5}), {"k": 1.5}))
+    assert not refs and sandbox_child.marshal.loads(blob) == ((1, [2], {3: b"4"}, {5}), {"k": 1.5})
+    with pytest.raises(TypeError, match="cannot be passed to the program"):
+        sandbox_child.pack(((object(),), {}))
 
 
 # ----------------------------------------------------------------------------------------- hostile programs
@@ -252,13 +436,13 @@ def test_killing_the_parent_or_anything_else_harms_nobody(strict):
 
 # ----------------------------------------------------------------------------------------- rlimits mode
 def test_rlimits_mode_basics():
-    sandbox = Sandbox(SandboxLimits(timeout_s=1), isolation="rlimits")
+    sandbox = Sandbox(SandboxLimits(timeout_s=10, cpu_s=2), isolation="rlimits")  # a loaded CI machine: no timeouts
     ok = sandbox.run("import os, resource\nassert resource.getrlimit(resource.RLIMIT_AS)[0] == 2**30" + DEFINE_F,
                      F_STEPS)
     assert ok.isolation == "rlimits" and ok.passed == 1
     blocked = sandbox.run("import socket\nsocket.socket()" + DEFINE_F, F_STEPS)  # the Python-level guard
     assert blocked.passed == 0 and blocked.error.startswith("PermissionError")
-    looped = sandbox.run("while True:\n    pass" + DEFINE_F, F_STEPS)
+    looped = Sandbox(SandboxLimits(timeout_s=1), isolation="rlimits").run("while True:\n    pass" + DEFINE_F, F_STEPS)
     assert looped.timed_out and looped.passed == 0
 
 
@@ -344,6 +528,16 @@ def test_bubblewrap_prefix_when_installed(tmp_path):
     assert sandbox.run("while True:\n    pass", F_STEPS).timed_out
 
 
+def test_another_interpreter_gets_the_launcher_as_source(tmp_path):
+    """The launcher's code goes precompiled to this interpreter; any other `python_executable` (a container's
+    python3) gets its source, which every Python >= 3.10 can run."""
+    other = tmp_path / "python-other"
+    other.symlink_to(sys.executable)
+    sandbox = Sandbox(SandboxLimits(timeout_s=5), python_executable=str(other))
+    result = sandbox.run("def add(a, b):\n    return a + b\n", [("assert add(1, 2) == 3", True), ("assert add(1, 1) == 3", True)])
+    assert (result.passed, result.total, result.loaded) == (1, 2, True), result
+
+
 def test_site_packages_are_opt_in():
     pytest.importorskip("numpy")
     program = "import numpy\nassert numpy.arange(4).sum() == 6" + DEFINE_F
@@ -360,5 +554,7 @@ def test_settings_are_validated():
         SandboxLimits(timeout_s=0)
     with pytest.raises(ValueError, match="memory_mb"):
         SandboxLimits(memory_mb=0)
+    with pytest.raises(ValueError, match="uid_base"):  # programs' and judges' uids must fit below 2**32 - 1
+        Sandbox(uid_base=2**32 - 10)
     assert SandboxLimits(timeout_s=2.5).child_limits()["cpu_s"] == 4
     assert sys.executable  # the default interpreter is this one
