@@ -1,13 +1,13 @@
 """Base-model pass rate per arithmetic family, at the study's sampling settings (a cheap calibration).
 
-    .venv/bin/python experiments/calibrate_families.py                       # 8 prompts x 4 samples per family
+    .venv/bin/python experiments/calibrate_families.py --seed 1000           # 8 prompts x 4 samples per family
     .venv/bin/python experiments/calibrate_families.py --per-family 16 --samples 8 --families add_1d,sub_2d
 
 Draws `--per-family` fresh prompts per family (seed 1000, so not the study's rows), samples `--samples`
 completions each from the built-in SmolLM2-135M with the paper prompt at the study's temperature and token
 budget (`gainrl-pl evaluate` underneath: same prompt, same reward), and prints per family the pass rate and
 the fraction of prompts whose group is mixed (0 < pass < 1, i.e. a non-zero GRPO advantage). Writes
-`experiments/results/calibration.json` (`--out`); samples go to `runs/calibration/` (a rerun resumes).
+`experiments/results/calibration/t<T>_<tokens>tok_seed<seed>.json` (`--out`); samples go to `runs/calibration/` (a rerun resumes).
 """
 
 from __future__ import annotations
@@ -35,8 +35,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=1000)
-    ap.add_argument("--out", default=str(ROOT / "experiments/results/calibration.json"))
+    ap.add_argument("--out", default=None,
+                    help="result JSON (default experiments/results/calibration/t<T>_<tokens>tok_seed<seed>.json)")
     args = ap.parse_args(argv)
+    if args.out is None:
+        args.out = str(ROOT / "experiments/results/calibration" /
+                       f"t{args.temperature}_{args.max_new_tokens}tok_seed{args.seed}.json")
 
     import torch
 
