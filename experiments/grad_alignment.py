@@ -9,8 +9,9 @@ family-balanced, seeded order of `data/arithmetic/study_train.jsonl`; `--num-pro
 longer run extends a shorter one): sample G completions (the study's temperature, token budget and dtype),
 score them with the training reward, compute GRPO advantages, and take the gradient of that group's GRPO
 loss (DAPO token mean, no KL, ratio 1 at step 0) with respect to the trainable LoRA weights. Recorded: the
-gradient's norm and, at report time, its cosine with the batch gradient (the mean of all measured prompts'
-gradients, zero-variance prompts counting as zero). Reported: Spearman of both with the angle score at
+gradient's norm and, at report time, its cosine with the batch gradient of the other prompts (the mean of
+all other measured prompts' gradients, zero-variance prompts counting as zero; leaving the prompt out keeps
+its own share of the mean, which grows with its norm, from counting as alignment). Reported: Spearman of both with the angle score at
 the default (last) layer and at the best layer of `experiments/angle_layers.py` (the layer whose score
 ranks ease best, read from results/angle_layers.json), beside question length and the base pass rate.
 
@@ -21,9 +22,11 @@ inner products of full gradients are preserved in expectation, at a 20th of the 
 parameter gradient per prompt (540 MB) cannot be kept for hundreds of prompts on this machine.
 
 Saved as it goes (append-only, so it can span sessions): `<out-dir>/meta.json` (settings, the model's
-fingerprint, angle scores), `<out-dir>/prompts.jsonl` (one line per measured prompt), and each gradient's
-direction (unit vector, fp16) in `runs/grad_alignment/grads/<position>.npy` (5 MB each; only the report's
-cosines need them). A rerun with other settings refuses to mix them into the same files.
+fingerprint, angle scores), `<out-dir>/prompts.jsonl` (one line per measured prompt), each gradient's
+direction (unit vector, fp16) in `runs/grad_alignment/grads/<position>.npy` (5 MB each, not committed) and a
+8,192-bucket CountSketch of it in `<out-dir>/sketches/<position>.npy` (16 KB, committed): the report's cosines
+are exact where the full gradients are on disk, else estimated from the sketches (error ~0.01 in a cosine).
+A rerun with other settings refuses to mix them into the same files.
 """
 
 from __future__ import annotations
@@ -65,6 +68,33 @@ def best_angle_layer(path: Path = ROOT / "experiments/results/angle_layers.json"
     return int(max(rows, key=lambda r: r["ease"])["layer"])
 
 
+SKETCH_DIM = 8192
+
+
+def count_sketch(vector, seed: int, dim: int = SKETCH_DIM):
+    """A CountSketch of `vector` (each coordinate added, with a seeded random sign, to a seeded random bucket).
+
+    Linear, and inner products of sketches estimate inner products of the vectors without bias (error
+    about |a| |b| / sqrt(dim)): the committed sketches let the report compute cosines with the batch gradient
+    on a machine that no longer has the full gradients (5 MB each, kept only in runs/).
+    """
+    import numpy as np
+
+    rng = np.random.default_rng([seed, 7919, vector.size])
+    buckets = rng.integers(0, dim, size=vector.size)
+    signs = rng.integers(0, 2, size=vector.size) * 2.0 - 1.0
+    return np.bincount(buckets, weights=signs * vector, minlength=dim)
+
+
+def _save_npy(path: Path, array) -> None:
+    import numpy as np
+
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as fh:
+        np.save(fh, array)
+    os.replace(tmp, path)
+
+
 def load_lines(path: Path) -> list[dict]:
     """The JSONL's complete lines (a torn last line from a killed run is ignored; it is measured again)."""
     if not path.exists():
@@ -100,8 +130,9 @@ def measure(args) -> None:
 
     torch.set_num_threads(args.threads)
     out, grads = Path(args.out_dir), Path(args.grads_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    grads.mkdir(parents=True, exist_ok=True)
+    sketches = out / "sketches"
+    for d in (out, grads, sketches):
+        d.mkdir(parents=True, exist_ok=True)
     rows = load_rows(str(ROOT / args.data))
     order = balanced_order(rows, args.seed)[: args.num_prompts]
 
@@ -172,11 +203,9 @@ def measure(args) -> None:
             norm = float(flat.norm())
             norm_a = float(torch.cat([p.grad.detach().float().reshape(-1) for n, p in params
                                       if "lora_A" in n and p.grad is not None] or [torch.zeros(1)]).norm())
-            unit = (flat / max(norm, 1e-30)).numpy().astype(np.float16)
-            tmp = grads / f"{pos}.npy.tmp"
-            with open(tmp, "wb") as fh:
-                np.save(fh, unit)
-            os.replace(tmp, grads / f"{pos}.npy")
+            unit = (flat / max(norm, 1e-30)).numpy()
+            _save_npy(grads / f"{pos}.npy", unit.astype(np.float16))
+            _save_npy(sketches / f"{pos}.npy", count_sketch(unit, args.seed).astype(np.float16))
         record = {"position": pos, "row": pos, "family": rows[pos]["family"], "level": rows[pos]["level"],
                   "question": rows[pos]["question"], "question_tokens": seg.num_question_tokens,
                   "rewards": rewards, "pass_rate": sum(rewards) / G, "zero_variance": norm == 0.0,
@@ -199,7 +228,7 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def report(args) -> dict:
+def report(args, *, source: str | None = None) -> dict:
     import numpy as np
 
     out, grads = Path(args.out_dir), Path(args.grads_dir)
@@ -207,22 +236,27 @@ def report(args) -> dict:
     if not lines:
         sys.exit(f"nothing measured yet in {out}")
     meta = json.loads((out / "meta.json").read_text())
-    # the batch gradient: the mean over all measured prompts (zero-variance prompts add zero)
+    # the batch gradient: the mean over all measured prompts (zero-variance prompts add zero). Exact from the
+    # full gradients when this machine has them all, else estimated from the committed sketches.
     nonzero = [r for r in lines if not r["zero_variance"]]
-    have = [r for r in nonzero if (grads / f"{r['position']}.npy").exists()]
+    (out / "sketches").mkdir(exist_ok=True)
+    for r in nonzero:  # sketches of gradients measured before sketches were kept (or lost): from the full ones
+        sketch, full = out / "sketches" / f"{r['position']}.npy", grads / f"{r['position']}.npy"
+        if not sketch.exists() and full.exists():
+            _save_npy(sketch, count_sketch(np.load(full).astype(np.float32), meta["settings"]["seed"]).astype(np.float16))
+    if source is None:
+        source = "exact" if all((grads / f"{r['position']}.npy").exists() for r in nonzero) else "sketch"
     cosines = {}
-    if have and len(have) == len(nonzero):
-        total = None
-        units = {}
-        for r in have:
-            u = np.load(grads / f"{r['position']}.npy").astype(np.float32)
-            units[r["position"]] = u
-            total = r["grad_norm"] * u if total is None else total + r["grad_norm"] * u
-        mean = total / len(lines)
-        mean_norm = float(np.linalg.norm(mean))
-        cosines = {pos: float(u @ mean / mean_norm) for pos, u in units.items()}
-    elif nonzero:
-        print(f"[grad] {len(nonzero) - len(have)} gradient files missing from {grads}: cosines left out")
+    if nonzero:
+        units = {r["position"]: np.load((grads if source == "exact" else out / "sketches") / f"{r['position']}.npy")
+                 .astype(np.float32) for r in nonzero}
+        total = sum(r["grad_norm"] * units[r["position"]] for r in nonzero)
+        # leave-one-out: the batch gradient of the *other* prompts, so a prompt's own share of the mean (which
+        # grows with its norm) does not count as alignment
+        for r in nonzero:
+            u = units[r["position"]]
+            others = (total - r["grad_norm"] * u) / max(len(lines) - 1, 1)
+            cosines[r["position"]] = float(u @ others / max(float(np.linalg.norm(others)), 1e-30))
     for r in lines:
         r["cosine_with_batch"] = cosines.get(r["position"]) if not r["zero_variance"] else 0.0
 
@@ -243,6 +277,7 @@ def report(args) -> dict:
     families = sorted({r["family"] for r in lines}, key=lambda f: next(r["level"] for r in lines if r["family"] == f))
     summary = {
         "prompts": len(lines), "zero_variance": len(lines) - len(nonzero), "settings": meta["settings"],
+        "cosines_from": source,
         "best_layer": meta["best_layer"], "seconds_per_prompt": float(np.mean([r["seconds"] for r in lines])),
         "lora_a_grad_norm_max": max(r["grad_norm_lora_a"] for r in lines),
         "spearman_all_prompts": table(lines),
@@ -268,7 +303,8 @@ def markdown(s: dict) -> str:
     lines = [f"{s['prompts']} prompts ({s['zero_variance']} with zero reward variance: zero gradient), "
              f"G={s['settings']['num_generations']}, T={s['settings']['temperature']}, "
              f"{s['settings']['max_new_tokens']} tokens, LoRA-B gradients at step 0 "
-             f"(max |grad A| = {s['lora_a_grad_norm_max']:.1e}); {s['seconds_per_prompt']:.1f} s per prompt.", ""]
+             f"(max |grad A| = {s['lora_a_grad_norm_max']:.1e}); cosines {s['cosines_from']}; "
+             f"{s['seconds_per_prompt']:.1f} s per prompt.", ""]
     for title, key in (("all prompts", "spearman_all_prompts"), ("prompts with a non-zero gradient",
                                                                   "spearman_nonzero_prompts")):
         tab = s[key]
@@ -324,10 +360,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out-dir", default=str(OUT))
     ap.add_argument("--grads-dir", default=str(GRADS))
+    ap.add_argument("--cosines-from", choices=["exact", "sketch"], default=None,
+                    help="default: exact when every full gradient is on disk, else the committed sketches")
     args = ap.parse_args(argv)
     if not args.report:
         measure(args)
-    report(args)
+    report(args, source=args.cosines_from)
 
 
 if __name__ == "__main__":
