@@ -167,31 +167,36 @@ def paired_bootstrap(steps: Sequence[float], arm_correct: np.ndarray, base_corre
                             per_seed=tuple(float(d) for d in per_seed), seeds=n_seeds, replicates=replicates)
 
 
-def minimum_detectable_difference(sd_difference: float, seeds: int, *, alpha: float = 0.05,
+def minimum_detectable_difference(sd_difference: float, seeds: int, *, fixed_se: float = 0.0, alpha: float = 0.05,
                                   power: float = 0.8) -> float:
     """Smallest true mean difference a paired design of `seeds` seeds detects with probability `power`.
 
-    Two-sided paired t-test at level `alpha`: MDD = (t_{1-alpha/2, n-1} + t_{power, n-1}) sd / sqrt(n), with
-    sd the standard deviation of the per-seed differences (from a pilot). As n grows this tends to the normal
-    (1.96 + 0.84) sd / sqrt(n) at the defaults.
+    Two-sided paired t-test at level `alpha`: MDD = (t_{1-alpha/2, n-1} + t_{power, n-1}) * SE, with
+    SE = sqrt(sd^2 / n + fixed_se^2): `sd_difference` is the spread of the per-seed differences that more
+    seeds average away (training noise), `fixed_se` the standard error that they do not (the validation
+    prompts are the same for every seed, so which prompts the set holds is one draw for the whole study).
+    With fixed_se = 0 and many seeds this tends to (1.96 + 0.84) sd / sqrt(n) at the defaults.
     """
     from scipy.stats import t
 
     if seeds < 2:
         raise ValueError(f"seeds={seeds}: a paired design needs >= 2 seeds to estimate its own noise")
-    if not (sd_difference >= 0 and np.isfinite(sd_difference)):
-        raise ValueError(f"sd_difference={sd_difference} must be a finite number >= 0")
+    for name, value in (("sd_difference", sd_difference), ("fixed_se", fixed_se)):
+        if not (value >= 0 and np.isfinite(value)):
+            raise ValueError(f"{name}={value} must be a finite number >= 0")
     df = seeds - 1
-    return float((t.ppf(1 - alpha / 2, df) + t.ppf(power, df)) * sd_difference / np.sqrt(seeds))
+    se = np.sqrt(sd_difference ** 2 / seeds + fixed_se ** 2)
+    return float((t.ppf(1 - alpha / 2, df) + t.ppf(power, df)) * se)
 
 
-def seeds_needed(sd_difference: float, gap: float, *, alpha: float = 0.05, power: float = 0.8,
-                 max_seeds: int = 1000) -> int | None:
-    """Fewest seeds whose paired design detects a true gap `gap` (None if more than `max_seeds`)."""
+def seeds_needed(sd_difference: float, gap: float, *, fixed_se: float = 0.0, alpha: float = 0.05,
+                 power: float = 0.8, max_seeds: int = 1000) -> int | None:
+    """Fewest seeds whose paired design detects a true gap `gap` (None if more than `max_seeds`, or never
+    because the fixed part alone is too large)."""
     if gap <= 0:
         raise ValueError(f"gap={gap} must be > 0")
     for n in range(2, max_seeds + 1):
-        if minimum_detectable_difference(sd_difference, n, alpha=alpha, power=power) <= gap:
+        if minimum_detectable_difference(sd_difference, n, fixed_se=fixed_se, alpha=alpha, power=power) <= gap:
             return n
     return None
 

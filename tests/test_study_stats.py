@@ -107,12 +107,17 @@ def test_minimum_detectable_difference():
     assert minimum_detectable_difference(0.05, 10) < minimum_detectable_difference(0.05, 5)
     with pytest.raises(ValueError, match="seeds=1"):
         minimum_detectable_difference(0.05, 1)
+    # a fixed part (the shared validation prompts) is not averaged away by seeds
+    with_fixed = minimum_detectable_difference(0.05, 1000, fixed_se=0.01)
+    assert with_fixed == pytest.approx((1.9623 + 0.8420) * np.sqrt(0.05**2 / 1000 + 0.01**2), rel=1e-3)
+    assert with_fixed > 2.8 * 0.01
 
 
 def test_seeds_needed_matches_the_mdd():
     n = seeds_needed(0.05, 0.05)
     assert minimum_detectable_difference(0.05, n) <= 0.05 < minimum_detectable_difference(0.05, n - 1)
     assert seeds_needed(1.0, 0.001, max_seeds=50) is None
+    assert seeds_needed(0.0, 0.02, fixed_se=0.01) is None  # the fixed part alone needs a 0.028+ gap
 
 
 def test_prompt_sampling_sd():
