@@ -25,7 +25,8 @@ Designs:
 Output: `<out-dir>/<arm>_seed<k>.json` (default out-dir `experiments/results/<design>/`, the miniature's
 `experiments/results/`), written atomically when the run ends, with validation accuracy per step (and per
 prompt), train reward and generated groups per step, the scheduler's per-round history (mu, both update
-terms, GRESO's skips, MoPPS's posteriors), each training prompt's first-solved step, and wall times.
+terms, GRESO's skips, MoPPS's posteriors), each drawn training prompt's first-solved step (the miniature:
+every prompt's), the angle score of every training prompt (angle arms), and wall and CPU times.
 """
 
 from __future__ import annotations
@@ -211,8 +212,8 @@ def make_callbacks(fp32_validation: bool):
             self.t0 = time.time()
             self._val_positions: list[int] = []
             self._val_values: list[float] = []
-            self._val_t0 = 0.0
-            self._step_t0 = 0.0
+            self._val_t0 = self._val_cpu0 = 0.0
+            self._step_t0 = self._step_cpu0 = 0.0
             self._wrapped = False
 
         def _wrap(self, pl_module) -> None:
@@ -232,6 +233,7 @@ def make_callbacks(fp32_validation: bool):
             self._wrap(pl_module)
             self._val_positions, self._val_values = [], []
             self._val_t0 = time.time()
+            self._val_cpu0 = time.process_time()
 
         def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
             real = ~batch["is_padding"] if "is_padding" in batch else None
@@ -257,12 +259,13 @@ def make_callbacks(fp32_validation: bool):
             if abs(mean - acc) > 1e-4:
                 raise RuntimeError(f"per-prompt validation mean {mean:.4f} != logged val/accuracy {acc:.4f}")
             self.val.append({"step": step, "accuracy": acc, "elapsed_s": time.time() - self.t0,
-                             "seconds": time.time() - self._val_t0,
+                             "seconds": time.time() - self._val_t0, "cpu_s": time.process_time() - self._val_cpu0,
                              "per_prompt": [per_prompt[p] for p in sorted(per_prompt)]})
             print(f"[study] step {step} val/accuracy {acc:.4f} ({time.time() - self._val_t0:.0f} s)", flush=True)
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self._step_t0 = time.time()
+            self._step_cpu0 = time.process_time()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             report = getattr(pl_module, "last_rollout_report", None)
@@ -278,7 +281,8 @@ def make_callbacks(fp32_validation: bool):
             # the report covers every generated group (DAPO's dropped ones too): that is the generation cost
             self.train.append({"step": step, "reward": sum(acc) / max(len(acc), 1), "indices": idx,
                                "per_prompt_accuracy": acc, "generated_groups": len(idx),
-                               "seconds": time.time() - self._step_t0, "elapsed_s": time.time() - self.t0})
+                               "seconds": time.time() - self._step_t0, "cpu_s": time.process_time() - self._step_cpu0,
+                               "elapsed_s": time.time() - self.t0})
 
     return ([FP32Validation()] if fp32_validation else []), StudyRecorder()
 
@@ -300,11 +304,14 @@ def val_from_csv(run_dir: Path) -> list[dict]:
     return [{"step": s, "accuracy": a} for s, a in sorted(out.items())]
 
 
-def write_json_atomic(path: Path, data: dict) -> None:
-    """A result file is complete or absent: the study skips existing files, so never leave half of one."""
+def write_json_atomic(path: Path, data: dict, *, compact: bool = False) -> None:
+    """A result file is complete or absent: the study skips existing files, so never leave half of one.
+
+    `compact`: no indentation (a powered-study run holds 1,024 prompts: ~4x smaller in the repository)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, indent=1, default=float))
+    text = json.dumps(data, separators=(",", ":"), default=float) if compact else json.dumps(data, indent=1, default=float)
+    tmp.write_text(text + "\n")
     os.replace(tmp, path)
 
 
@@ -385,7 +392,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gainrl_pl.cli import run_lightning_cli
 
-    t0 = time.time()
+    t0, cpu0 = time.time(), time.process_time()
     cli = run_lightning_cli(cli_args, run=False)
     extra_callbacks, recorder = make_callbacks(fp32_callback)
     # the recorder first (it must read the rollout report before the scheduler clears it); fp32 casting
@@ -399,7 +406,8 @@ def main(argv: list[str] | None = None) -> None:
         cli.trainer.validate(cli.model, datamodule=dm)
         val = recorder.val[-1]
         result = {**common, "kind": "baseline", "step": 0, "accuracy": val["accuracy"],
-                  "per_prompt": val["per_prompt"], "seconds": val["seconds"], "num_val_prompts": len(dm.val_set),
+                  "per_prompt": val["per_prompt"], "seconds": val["seconds"], "cpu_s": val["cpu_s"],
+                  "num_val_prompts": len(dm.val_set),
                   "val_digest": val_set_digest(dm),
                   "val_prompts": [{"question": it["question"], "family": it["columns"].get("family"),
                                    "level": it["columns"].get("level")} for it in dm.val_set],
@@ -409,7 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         return
 
     cli.trainer.fit(cli.model, datamodule=dm)
-    wall = time.time() - t0
+    wall, cpu = time.time() - t0, time.process_time() - cpu0
     sched = next(c for c in cli.trainer.callbacks if isinstance(c, GainRLScheduler))
     prompts = []
     for pos, item in enumerate(dm.train_set):
@@ -419,19 +427,23 @@ def main(argv: list[str] | None = None) -> None:
                         "angle_score": None if sched.scores is None else sched.scores[pos],
                         "times_drawn": recorder.times_drawn.get(pos, 0),
                         "first_solved_step": recorder.first_solved.get(pos)})
+    angle_scores = None
+    if args.design != "miniature":  # every prompt's record would be 1,024 entries: keep the drawn ones
+        prompts = [p for p in prompts if p["times_drawn"] > 0]
+        angle_scores = None if sched.scores is None else [float(x) for x in sched.scores]
     result = {**common, "kind": "run", "arm": args.arm, "seed": args.seed, "scale": args.design,
               "command": f".venv/bin/python experiments/run_ab.py --arm {args.arm} --seed {args.seed} "
                          f"--design {args.design}" + (" -- " + " ".join(extra) if extra else ""),
-              "wall_s": wall, "max_steps": cli.trainer.max_steps, "global_step": cli.trainer.global_step,
+              "wall_s": wall, "cpu_s": cpu, "max_steps": cli.trainer.max_steps, "global_step": cli.trainer.global_step,
               "num_train_prompts": len(dm.train_set), "num_val_prompts": len(dm.val_set or []),
               "val_digest": val_set_digest(dm),
               "val": recorder.val, "val_from_csv": val_from_csv(run_dir), "train": recorder.train,
               "schedule_history": sched.history, "ranking": dm.ranking, "ranking_summary": sched.ranking_summary,
-              "prompts": prompts}
+              "prompts": prompts, "angle_scores": angle_scores}
     if args.design == "miniature":  # the miniature's report reads per-prompt-free curves: keep its files as they were
         for v in result["val"]:
             v.pop("per_prompt", None)
-    write_json_atomic(out, result)
+    write_json_atomic(out, result, compact=args.design != "miniature")
     print(f"[study] wrote {out} in {wall:.0f} s", flush=True)
 
 

@@ -1,6 +1,6 @@
 """The GAIN-RL schedule study: run arms x seeds one after another, a pilot and its power analysis, the report.
 
-    .venv/bin/python experiments/study.py plan                          # the planned design and its checks
+    .venv/bin/python experiments/study.py plan                          # the planned design, checks, wall time
     .venv/bin/python experiments/study.py run                           # the planned study (skips finished runs)
     .venv/bin/python experiments/study.py run --runs greso:0 mopps:0    # some runs only
     .venv/bin/python experiments/study.py pilot --arms uniform gainrl --seeds 0 1 2 --steps 10
@@ -40,6 +40,7 @@ from gainrl_pl.study_stats import (  # noqa: E402
     paired_bootstrap,
     seeds_needed,
     steps_to_reach,
+    variance_components,
 )
 
 # The planned design (issue 18): every arm on the same seeds, compared with uniform seed by seed.
@@ -218,23 +219,21 @@ def first_solved_spearman(runs: dict[str, dict[int, dict]]) -> dict[str, dict[st
     """Over the prompts each run drew: Spearman of first-solved step with the angle rank, length and level.
 
     Positive = that ordering's early prompts got solved early (the paper's claim for the angle rank). The angle
-    scores come from the arm's own run, or from the gainrl runs for the others (same model and data).
+    scores (by training-set position) come from the arm's own run, or from a gainrl run for the others (same
+    model and data).
     """
-    scores = {}
-    for r in runs.get("gainrl", {}).values():
-        scores.update({p["question"]: p["angle_score"] for p in r["prompts"] if p["angle_score"] is not None})
-    order = sorted(scores, key=lambda q: -scores[q])
-    rank_of = {q: i for i, q in enumerate(order)}
+    shared = next((r["angle_scores"] for r in runs.get("gainrl", {}).values() if r.get("angle_scores")), None)
     out = {}
     for arm, rs in runs.items():
         rho = defaultdict(list)
         for r in rs.values():
+            scores = r.get("angle_scores") or shared
             drawn = [p for p in r["prompts"] if p["times_drawn"] > 0]
             cens = r["max_steps"] + 1
             fs = [p["first_solved_step"] if p["first_solved_step"] is not None else cens for p in drawn]
-            if rank_of:
-                scored = [(rank_of[p["question"]], f) for p, f in zip(drawn, fs, strict=True) if p["question"] in rank_of]
-                rho["angle_rank"].append(spearman([s for s, _ in scored], [f for _, f in scored]))
+            if scores:
+                rank_of = {pos: i for i, pos in enumerate(sorted(range(len(scores)), key=lambda q: -scores[q]))}
+                rho["angle_rank"].append(spearman([rank_of[p["position"]] for p in drawn], fs))
             rho["question_tokens"].append(spearman([p["question_tokens"] for p in drawn], fs))
             rho["level"].append(spearman([float(p["level"]) for p in drawn], fs))
         out[arm] = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in rho.items()}
@@ -332,7 +331,8 @@ def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
     solved = first_solved_spearman(runs)
     summary = {"baseline_accuracy": baseline["accuracy"], "num_val_prompts": baseline["num_val_prompts"],
                "val_decoding": baseline["val_decoding"], "arms": rows, "families": families,
-               "first_solved_spearman": solved, "wall_time": wall_time_model(runs, baseline)}
+               "first_solved_spearman": solved,
+               "wall_time": {c: wall_time_model(runs, baseline, clock=c) for c in ("wall", "cpu")}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     flat = []
     for r in rows:
@@ -360,42 +360,55 @@ def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
 def power_analysis(out_dir: Path, *, seeds: int = PLANNED_SEEDS, val_prompts: int = PLANNED_VAL_PROMPTS) -> dict:
     """Noise of each metric's paired difference in a pilot, and the gap the planned design can resolve.
 
-    Two parts: the spread of the per-seed differences, which more seeds average away (needs >= 2 paired
-    seeds), and the standard error from the validation prompts, which they do not (the prompts are the same
-    for every seed; estimated from the per-prompt differences and rescaled to the planned prompt count).
-    Both err high: the seed spread also holds the pilot's prompt noise, and the per-prompt differences some
-    training noise. A pilot shorter than the planned runs measures the noise of shorter runs.
+    Final accuracy and curve area: per-prompt differences d[seed, prompt] (arm - uniform, every arm of the
+    pilot against uniform) split into a seed part, a prompt part and seed-by-prompt noise
+    (`variance_components`); the planned design's standard error is then sqrt((seed + noise / P) / S +
+    prompt / P) for S seeds and P prompts (the prompt part is fixed: the same prompts serve every seed).
+    With one seed per arm only an upper bound of the prompt part exists, and no seed part: the result is a
+    floor (what the prompts alone cost), said so. Steps to reach: per-seed differences only (>= 2 seeds).
+    A pilot shorter than the planned runs measures the noise of shorter runs.
     """
     baseline, runs = load_design(out_dir)
     if baseline is None or BASE_ARM not in runs:
         raise SystemExit(f"{out_dir}: a pilot needs the baseline and uniform runs")
     out = {"pilot_dir": str(out_dir), "planned_seeds": seeds, "planned_val_prompts": val_prompts, "metrics": {}}
+    pairs = [paired_arrays(runs, baseline, arm) for arm in runs if arm != BASE_ARM]
+    pairs = [p for p in pairs if p is not None]
     for metric in METRICS:
-        sds, prompt_ses, n_seeds = [], [], []
-        for arm in runs:
-            pair = paired_arrays(runs, baseline, arm) if arm != BASE_ARM else None
-            if pair is None:
-                continue
-            steps, s_list, a, b = pair
-            c = paired_bootstrap(steps, a, b, metric, replicates=200, resample_prompts=False)
-            n_seeds.append(len(s_list))
-            if len(s_list) >= 2:
-                sds.append(float(np.std(c.per_seed, ddof=1)))
-            if metric != "steps_to_reach":  # per-prompt differences exist for these two (means over prompts)
-                per_prompt = (a[:, -1] - b[:, -1]) if metric == "final_accuracy" else (
-                    curve_area(steps, np.moveaxis(a, 1, -1)) - curve_area(steps, np.moveaxis(b, 1, -1)))
-                d = per_prompt.mean(0)  # mean over seeds, per prompt
-                prompt_ses.append(float(d.std(ddof=1) / np.sqrt(d.size)) * np.sqrt(d.size / val_prompts))
-        prompt_se = float(np.sqrt(np.mean(np.square(prompt_ses)))) if prompt_ses else 0.0
-        entry = {"pilot_pairs": len(n_seeds), "pilot_seeds": n_seeds, "prompt_se_planned": prompt_se}
-        if sds:
-            sd_seed = float(np.sqrt(np.mean(np.square(sds))))
-            entry.update(sd_per_seed_difference=sd_seed,
-                         mdd=minimum_detectable_difference(sd_seed, seeds, fixed_se=prompt_se),
-                         seeds_for={str(g): seeds_needed(sd_seed, g, fixed_se=prompt_se)
-                                    for g in ((1, 2, 4) if metric == "steps_to_reach" else (0.02, 0.03, 0.05, 0.1))})
-        elif n_seeds and metric != "steps_to_reach":
-            entry["mdd_lower_bound"] = minimum_detectable_difference(0.0, seeds, fixed_se=prompt_se)
+        entry: dict = {"pilot_pairs": len(pairs), "pilot_seeds": [len(p[1]) for p in pairs]}
+        if metric == "steps_to_reach":
+            sds = [float(np.std(paired_bootstrap(st, a, b, metric, replicates=50, resample_prompts=False).per_seed,
+                                ddof=1)) for st, sl, a, b in pairs if len(sl) >= 2]
+            if sds:
+                sd = float(np.sqrt(np.mean(np.square(sds))))
+                entry.update(sd_per_seed_difference=sd, mdd=minimum_detectable_difference(sd, seeds),
+                             seeds_for={str(g): seeds_needed(sd, g) for g in (1, 2, 4)})
+            out["metrics"][metric] = entry
+            continue
+        comps = []
+        for st, _, a, b in pairs:
+            if metric == "final_accuracy":
+                d = a[:, -1] - b[:, -1]
+            else:
+                d = curve_area(st, np.moveaxis(a, 1, -1)) - curve_area(st, np.moveaxis(b, 1, -1))
+            comps.append(variance_components(d))
+        if not comps:
+            out["metrics"][metric] = entry
+            continue
+        separated = all(c.prompt is not None for c in comps)
+        seed_var = float(np.mean([c.seed for c in comps]))
+        noise = float(np.mean([c.noise for c in comps]))
+        prompt_var = float(np.mean([c.prompt if separated else c.prompt_upper for c in comps]))
+        per_seed_sd = float(np.sqrt(seed_var + noise / val_prompts))
+        fixed_se = float(np.sqrt(prompt_var / val_prompts))
+        entry.update(seed_variance=seed_var, prompt_variance=prompt_var, noise_variance=noise,
+                     prompt_part_separated=separated, per_seed_sd_planned=per_seed_sd, fixed_se_planned=fixed_se)
+        if separated:
+            entry.update(mdd=minimum_detectable_difference(per_seed_sd, seeds, fixed_se=fixed_se),
+                         seeds_for={str(g): seeds_needed(per_seed_sd, g, fixed_se=fixed_se)
+                                    for g in (0.02, 0.03, 0.05, 0.1)})
+        else:
+            entry["mdd_floor_upper"] = minimum_detectable_difference(0.0, seeds, fixed_se=fixed_se)
         out["metrics"][metric] = entry
     return out
 
@@ -405,37 +418,57 @@ def print_power(analysis: dict) -> None:
           f"validation prompts), from {analysis['pilot_dir']}\n")
     for metric, e in analysis["metrics"].items():
         head = f"- {METRIC_LABEL[metric]} ({e['pilot_pairs']} arm pairs, seeds {e['pilot_seeds']}): "
-        if "mdd" in e:
-            print(head + f"sd of per-seed differences {e['sd_per_seed_difference']:.4f}, validation-prompt SE "
-                  f"{e['prompt_se_planned']:.4f} -> minimum "
-                  f"detectable gap {e['mdd']:.4f} (alpha 0.05, power 0.8); seeds needed for a gap of "
+        if "mdd" in e and "fixed_se_planned" in e:
+            print(head + f"per-seed sd {e['per_seed_sd_planned']:.4f} (seed part {np.sqrt(e['seed_variance']):.4f}), "
+                  f"fixed validation-prompt SE {e['fixed_se_planned']:.4f} -> minimum detectable gap "
+                  f"{e['mdd']:.4f} (alpha 0.05, power 0.8); seeds needed for a gap of "
                   + ", ".join(f"{g}: {n if n else '>1000'}" for g, n in e["seeds_for"].items()))
-        elif "mdd_lower_bound" in e:
-            print(head + f"only 1 seed per arm: no training-noise estimate. Validation-prompt SE alone "
-                  f"{e['prompt_se_planned']:.4f} -> the design cannot resolve gaps below "
-                  f"{e['mdd_lower_bound']:.4f} whatever the seeds (run >= 2 seeds per arm for the full figure)")
+        elif "mdd" in e:
+            print(head + f"sd of per-seed differences {e['sd_per_seed_difference']:.2f} steps -> minimum detectable "
+                  f"gap {e['mdd']:.2f} steps; seeds needed for " +
+                  ", ".join(f"{g} steps: {n if n else '>1000'}" for g, n in e["seeds_for"].items()))
+        elif "mdd_floor_upper" in e:
+            print(head + "only 1 seed per arm: the seed part is unknown and the prompt part only bounded "
+                  f"(prompt variance <= {e['prompt_variance']:.4f}, planned fixed SE <= {e['fixed_se_planned']:.4f}). "
+                  f"What the prompts alone cost: a gap below {e['mdd_floor_upper']:.4f} may be unresolvable "
+                  "whatever the seeds (an upper bound); run >= 2 seeds per arm for the full figure")
         else:
             print(head + "needs >= 2 paired seeds")
 
 
-def wall_time_model(runs: dict[str, dict[int, dict]], baseline: dict | None) -> dict:
-    """Seconds per training step (by arm), per validated prompt, and per run outside both, from saved runs."""
-    steps, step_s, val_s, val_prompts, other = defaultdict(list), {}, 0.0, 0, []
+def wall_time_model(runs: dict[str, dict[int, dict]], baseline: dict | None, *, clock: str = "wall") -> dict:
+    """Seconds per training step (by arm), per validated prompt, and per run outside both, from saved runs.
+
+    clock `wall`: as measured (on a shared machine: with its contention); `cpu`: the process's CPU seconds
+    divided by its torch threads, the wall time it would take with its cores to itself and perfect thread
+    scaling (a lower bound; runs saved before CPU time was recorded are left out).
+    """
+    def t(record: dict, threads: int) -> float | None:
+        if clock == "wall":
+            return record.get("seconds")
+        return None if record.get("cpu_s") is None else record["cpu_s"] / threads
+
+    steps, val_s, val_prompts, other = defaultdict(list), 0.0, 0, []
     for arm, rs in runs.items():
         for r in rs.values():
+            threads = r.get("threads", 2)
+            times = [t(x, threads) for x in r["train"]]
+            vals = [t(v, threads) for v in r["val"]]
+            total = r["wall_s"] if clock == "wall" else (r.get("cpu_s") or 0) / threads
+            if None in times or None in vals or not total:
+                continue
             # the first step carries one-off costs (ranking, warm-up): counted with the overhead
-            times = [t["seconds"] for t in r["train"] if "seconds" in t]
             steps[arm] += times[1:]
-            vs = sum(v.get("seconds", 0.0) for v in r["val"])
-            val_s += vs
-            val_prompts += len(r["val"]) * r["num_val_prompts"]
-            other.append(r["wall_s"] - sum(times[1:]) - vs)
-    step_s = {arm: float(np.mean(v)) for arm, v in steps.items() if v}
-    groups = {arm: float(np.mean([generated_groups(r) / max(1, r["global_step"]) for r in rs.values()]))
-              for arm, rs in runs.items()}
-    return {"train_step_s": step_s, "groups_per_step": groups,
-            "val_s_per_prompt": val_s / val_prompts if val_prompts else None,
-            "baseline_s_per_prompt": baseline["seconds"] / baseline["num_val_prompts"] if baseline else None,
+            val_s += sum(vals)
+            val_prompts += len(vals) * r["num_val_prompts"]
+            other.append(total - sum(times[1:]) - sum(vals))
+    base = None
+    if baseline and t(baseline, baseline.get("threads", 2)) is not None:
+        base = t(baseline, baseline.get("threads", 2)) / baseline["num_val_prompts"]
+    return {"clock": clock, "train_step_s": {arm: float(np.mean(v)) for arm, v in steps.items() if v},
+            "groups_per_step": {arm: float(np.mean([generated_groups(r) / max(1, r["global_step"])
+                                                    for r in rs.values()])) for arm, rs in runs.items()},
+            "val_s_per_prompt": val_s / val_prompts if val_prompts else None, "baseline_s_per_prompt": base,
             "per_run_overhead_s": float(np.mean(other)) if other else None}
 
 
@@ -446,6 +479,8 @@ def estimate_study_hours(model: dict, arms: list[str] = PLANNED_ARMS, seeds: int
     generated group, times their groups per step; DAPO-filtered arms: 2.1 groups per trained group, as in
     the miniature study)."""
     measured = model["train_step_s"]
+    if not measured or model["val_s_per_prompt"] is None:
+        return {"per_run_s": {}, "total_hours": float("nan"), "runs": seeds * len(arms)}
     per_group = np.mean([measured[a] / model["groups_per_step"][a] for a in measured])
     per_arm = {}
     for arm in arms:
@@ -454,7 +489,8 @@ def estimate_study_hours(model: dict, arms: list[str] = PLANNED_ARMS, seeds: int
         else:
             groups = PLANNED_PROMPTS_PER_STEP * (2.1 if arm.endswith("_filter") else 1.0)
             step = per_group * groups
-        run_s = steps * step + validations * val_prompts * model["val_s_per_prompt"] + model["per_run_overhead_s"]
+        # the overhead holds the first step (one-off costs), so the steps add steps - 1
+        run_s = (steps - 1) * step + validations * val_prompts * model["val_s_per_prompt"] + model["per_run_overhead_s"]
         per_arm[arm] = run_s
     total = seeds * sum(per_arm.values()) + val_prompts * (model["baseline_s_per_prompt"] or 0.0)
     return {"per_run_s": per_arm, "total_hours": total / 3600, "runs": seeds * len(arms)}
@@ -502,7 +538,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-root", default=None, help="Lightning logs and run logs (default runs/study/power/pilot)")
     p = sub.add_parser("power", help="print the power analysis of a pilot's (or the study's) saved runs")
     p.add_argument("--dir", default=str(RESULTS / "pilot"))
-    sub.add_parser("plan", help="print the planned design, its checks and (from saved runs) its wall time")
+    p = sub.add_parser("plan", help="print the planned design, its checks and (from saved runs) its wall time")
+    p.add_argument("--dir", default=str(RESULTS / "pilot"), help="runs whose unit costs give the wall time")
     p = sub.add_parser("report", help="rebuild every table and plot from saved JSON")
     p.add_argument("--design", choices=["all", "power", "miniature"], default="all")
     p.add_argument("--replicates", type=int, default=4000)
@@ -529,14 +566,13 @@ def main(argv: list[str] | None = None) -> None:
     elif args.cmd == "power":
         print_power(power_analysis(Path(args.dir)))
     elif args.cmd == "plan":
-        print_plan(RESULTS / "pilot")
+        print_plan(Path(args.dir))
     else:
         if args.design in ("all", "miniature") and any(RESULTS.glob("*_seed*.json")):
             report_miniature()
-        if args.design in ("all", "power"):
-            for out_dir in (RESULTS / "power", RESULTS / "pilot"):
-                if out_dir.exists():
-                    report_power(out_dir, replicates=args.replicates)
+        if args.design in ("all", "power"):  # the study and every pilot: each directory with a baseline
+            for out_dir in sorted(p.parent for p in RESULTS.glob("*/baseline.json")):
+                report_power(out_dir, replicates=args.replicates)
 
 
 def print_plan(measured_dir: Path) -> None:
@@ -552,15 +588,20 @@ def print_plan(measured_dir: Path) -> None:
              "(MoPPS's candidate pool of 16 x 8 per round passes over the data about "
              f"{PLANNED_STEPS // 2 * 128 / max(n_train, 1):.1f} times)." if draws < n_train else
              "prompts come back within a run."))
-    _, runs = load_design(measured_dir)
-    baseline, _ = load_design(measured_dir)
+    baseline, runs = load_design(measured_dir)
     if runs and baseline:
-        model = wall_time_model(runs, baseline)
-        est = estimate_study_hours(model)
-        print(f"Unit costs measured in {measured_dir}: train step (s) {model['train_step_s']}, validation "
-              f"{model['val_s_per_prompt']:.2f} s per prompt, per-run overhead {model['per_run_overhead_s']:.0f} s. "
-              f"Estimated study: {est['runs']} runs, {est['total_hours']:.1f} h on this machine "
-              f"(per run: " + ", ".join(f"{a} {s / 60:.0f} min" for a, s in est["per_run_s"].items()) + ")")
+        for clock, label in (("wall", "wall time as measured (with this machine's contention at the time)"),
+                             ("cpu", "CPU time / threads (the cores to itself, perfect thread scaling: a floor)")):
+            model = wall_time_model(runs, baseline, clock=clock)
+            est = estimate_study_hours(model)
+            if not model["train_step_s"]:
+                continue
+            print(f"{label}, from {measured_dir}: train step (s) "
+                  + ", ".join(f"{a} {v:.1f}" for a, v in model["train_step_s"].items())
+                  + f"; validation {model['val_s_per_prompt']:.2f} s per prompt; per-run overhead "
+                  f"{model['per_run_overhead_s']:.0f} s. Estimated study: {est['runs']} runs, "
+                  f"{est['total_hours']:.1f} h (per run: "
+                  + ", ".join(f"{a} {s_ / 60:.0f} min" for a, s_ in est["per_run_s"].items()) + ")")
 
 
 if __name__ == "__main__":

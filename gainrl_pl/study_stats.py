@@ -201,6 +201,59 @@ def seeds_needed(sd_difference: float, gap: float, *, fixed_se: float = 0.0, alp
     return None
 
 
+@dataclass(frozen=True)
+class VarianceComponents:
+    """Parts of the variance of per-prompt paired differences d[seed, prompt] = mu + b_seed + a_prompt + e.
+
+    Attributes:
+        seed: Var(b), a whole run's shift (training noise); averaged away by more seeds.
+        prompt: Var(a), a prompt's consistent difference across seeds; with a fixed validation set this part is
+            one draw for the whole study, averaged away only by more prompts. None when one seed cannot
+            separate it from `noise` (then `prompt_upper` bounds it).
+        noise: Var(e), seed-by-prompt noise; averaged away by seeds x prompts.
+        prompt_upper: An upper bound of Var(a) (the spread of the seed-averaged per-prompt differences).
+        seeds: Seeds the estimate used.
+        prompts: Prompts the estimate used.
+    """
+
+    seed: float
+    prompt: float | None
+    noise: float
+    prompt_upper: float
+    seeds: int
+    prompts: int
+
+    def standard_error(self, seeds: int, prompts: int) -> tuple[float, float]:
+        """(the seed-averaged part, the fixed part) of the standard error of the mean difference in a design
+        of `seeds` seeds on `prompts` validation prompts (the fixed part from `prompt_upper` when `prompt`
+        could not be separated)."""
+        prompt_var = self.prompt if self.prompt is not None else self.prompt_upper
+        return (float(np.sqrt((self.seed + self.noise / prompts) / seeds)), float(np.sqrt(prompt_var / prompts)))
+
+
+def variance_components(differences: np.ndarray) -> VarianceComponents:
+    """Method-of-moments estimate of `VarianceComponents` from per-prompt differences [seeds, prompts].
+
+    noise = mean over prompts of the across-seed variance (with the seed shifts removed); prompt = the
+    spread of the seed-averaged per-prompt differences minus noise / seeds; seed = the spread of the
+    per-seed means minus noise / prompts. Negative estimates are clipped to 0.
+    """
+    d = np.asarray(differences, dtype=np.float64)
+    if d.ndim != 2 or d.shape[1] < 2:
+        raise ValueError(f"differences must be [seeds, prompts] with >= 2 prompts, got {d.shape}")
+    n_seeds, n_prompts = d.shape
+    by_prompt = d.mean(0)
+    upper = float(by_prompt.var(ddof=1))
+    if n_seeds < 2:
+        return VarianceComponents(seed=0.0, prompt=None, noise=upper, prompt_upper=upper, seeds=1, prompts=n_prompts)
+    centred = d - d.mean(1, keepdims=True)  # seed shifts out
+    noise = float(centred.var(0, ddof=1).mean())
+    prompt = max(upper - noise / n_seeds, 0.0)
+    seed = max(float(d.mean(1).var(ddof=1)) - noise / n_prompts, 0.0)
+    return VarianceComponents(seed=seed, prompt=prompt, noise=noise, prompt_upper=upper, seeds=n_seeds,
+                              prompts=n_prompts)
+
+
 def prompt_sampling_sd(correct: np.ndarray) -> float:
     """Standard error of a mean over the validation prompts from their spread (one curve point, one run).
 
@@ -215,6 +268,6 @@ def prompt_sampling_sd(correct: np.ndarray) -> float:
 
 
 
-__all__ = ["METRICS", "PairedComparison", "curve_area", "final_accuracy",
+__all__ = ["METRICS", "PairedComparison", "VarianceComponents", "curve_area", "final_accuracy",
            "minimum_detectable_difference", "paired_bootstrap", "prompt_sampling_sd", "seeds_needed",
-           "steps_to_reach"]
+           "steps_to_reach", "variance_components"]

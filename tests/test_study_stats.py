@@ -13,6 +13,7 @@ from gainrl_pl.study_stats import (
     prompt_sampling_sd,
     seeds_needed,
     steps_to_reach,
+    variance_components,
 )
 
 
@@ -123,3 +124,19 @@ def test_seeds_needed_matches_the_mdd():
 def test_prompt_sampling_sd():
     correct = np.array([1, 0] * 128)
     assert prompt_sampling_sd(correct) == pytest.approx(np.sqrt(0.25 * 256 / 255 / 256), rel=1e-6)
+
+
+def test_variance_components_recover_known_parts():
+    rng = np.random.default_rng(3)
+    seeds, prompts = 40, 400
+    d = (0.05 + rng.normal(0, 0.03, size=(seeds, 1)) + rng.normal(0, 0.2, size=(1, prompts))
+         + rng.normal(0, 0.4, size=(seeds, prompts)))
+    c = variance_components(d)
+    assert c.seed == pytest.approx(0.03 ** 2, rel=0.5)
+    assert c.prompt == pytest.approx(0.2 ** 2, rel=0.2)
+    assert c.noise == pytest.approx(0.4 ** 2, rel=0.05)
+    per_seed_part, fixed_part = c.standard_error(5, 256)
+    assert per_seed_part == pytest.approx(np.sqrt((c.seed + c.noise / 256) / 5))
+    assert fixed_part == pytest.approx(np.sqrt(c.prompt / 256))
+    one = variance_components(d[:1])  # one seed: the prompt part cannot be separated, only bounded
+    assert one.prompt is None and one.prompt_upper == pytest.approx(0.2 ** 2 + 0.4 ** 2, rel=0.2)
