@@ -254,20 +254,6 @@ def variance_components(differences: np.ndarray) -> VarianceComponents:
                               prompts=n_prompts)
 
 
-def prompt_sampling_sd(correct: np.ndarray) -> float:
-    """Standard error of a mean over the validation prompts from their spread (one curve point, one run).
-
-    The part of a run's measured accuracy that comes from which prompts the validation set holds: with P
-    prompts of mean accuracy p it is about sqrt(p (1 - p) / P).
-    """
-    c = np.asarray(correct, dtype=np.float64).reshape(-1)
-    if c.size < 2:
-        raise ValueError("need at least 2 prompts")
-    return float(c.std(ddof=1) / np.sqrt(c.size))
-
-
-
-
 __all__ = ["METRICS", "PairedComparison", "VarianceComponents", "curve_area", "final_accuracy",
-           "minimum_detectable_difference", "paired_bootstrap", "prompt_sampling_sd", "seeds_needed",
+           "minimum_detectable_difference", "paired_bootstrap", "seeds_needed",
            "steps_to_reach", "variance_components"]

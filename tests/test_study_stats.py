@@ -10,7 +10,6 @@ from gainrl_pl.study_stats import (
     final_accuracy,
     minimum_detectable_difference,
     paired_bootstrap,
-    prompt_sampling_sd,
     seeds_needed,
     steps_to_reach,
     variance_components,
@@ -119,11 +118,6 @@ def test_seeds_needed_matches_the_mdd():
     assert minimum_detectable_difference(0.05, n) <= 0.05 < minimum_detectable_difference(0.05, n - 1)
     assert seeds_needed(1.0, 0.001, max_seeds=50) is None
     assert seeds_needed(0.0, 0.02, fixed_se=0.01) is None  # the fixed part alone needs a 0.028+ gap
-
-
-def test_prompt_sampling_sd():
-    correct = np.array([1, 0] * 128)
-    assert prompt_sampling_sd(correct) == pytest.approx(np.sqrt(0.25 * 256 / 255 / 256), rel=1e-6)
 
 
 def test_variance_components_recover_known_parts():
