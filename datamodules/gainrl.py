@@ -28,7 +28,8 @@ class ScheduleSettings:
     name: str = "angle"
     """`angle` (GAIN-RL), `length` (shortest question first, same Gaussian schedule), `accuracy_curriculum`
     (easiest first by `difficulty_field` or `pass_rate_field`), `uniform` (vanilla GRPO), `adarft`,
-    `pass_rate_priority`."""
+    `pass_rate_priority`, `greso` (skip prompts whose recent groups had zero reward variance), `mopps` (Beta
+    posteriors, Thompson sampling toward pass rate 0.5; set `extra: {rollouts_per_prompt: <model.num_generations>}`)."""
     subset_size: int = 256
     """Prompts per sampling round (the paper's epoch), summed over DDP ranks."""
     sigma: float = 1000.0

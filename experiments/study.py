@@ -1,11 +1,20 @@
-"""The miniature GAIN-RL study: run arms x seeds one after another, then aggregate and plot.
+"""The GAIN-RL schedule study: run arms x seeds one after another, a pilot and its power analysis, the report.
 
-    .venv/bin/python experiments/study.py run --runs gainrl:0 uniform:0 length:0   # sequential, skips done runs
-    .venv/bin/python experiments/study.py report                                 # table, JSON/CSV, PNG plots
+    .venv/bin/python experiments/study.py plan                          # the planned design, checks, wall time
+    .venv/bin/python experiments/study.py run                           # the planned study (skips finished runs)
+    .venv/bin/python experiments/study.py run --runs greso:0 mopps:0    # some runs only
+    .venv/bin/python experiments/study.py pilot --arms uniform gainrl --seeds 0 1 2 --steps 10
+    .venv/bin/python experiments/study.py power --dir experiments/results/pilot   # re-print a pilot's analysis
+    .venv/bin/python experiments/study.py report                        # every table and plot, from saved JSON
+    .venv/bin/python experiments/study.py run -- --trainer.max_steps 40   # CLI overrides for every run after --
 
-Runs are strictly sequential (one training at a time: the machine has 2 shared cores). `report` reads every
-`experiments/results/<arm>_seed<k>.json` written by run_ab.py, so it can be rerun at any time on whatever
-has finished.
+Runs are strictly sequential (one training at a time: the machine has 2 shared cores), seed by seed (all arms
+of seed 0, then of seed 1, ...) so that a study stopped half-way is still a paired comparison on the seeds it
+finished. Each run writes `experiments/results/power/<arm>_seed<k>.json` when it ends (run_ab.py) and a
+rerun skips the files that exist, so the study can span sessions. `report` reads only what is saved.
+
+Designs (run_ab.py): `power` (issue 18, the default), `miniature` (the 12-step study of BENCHMARKS.md
+section 3; its report is rebuilt unchanged from `experiments/results/*_seed*.json`), `gpu`.
 """
 
 from __future__ import annotations
@@ -22,28 +31,132 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
-ORDER = ["gainrl", "uniform", "length", "accuracy_curriculum", "gainrl_half", "adarft", "uniform_filter",
-         "gainrl_layer8"]
+sys.path.insert(0, str(ROOT))  # `from gainrl_pl...` when run as a script from anywhere
+
+from gainrl_pl.study_stats import (  # noqa: E402
+    METRICS,
+    curve_area,
+    minimum_detectable_difference,
+    paired_bootstrap,
+    seeds_needed,
+    steps_to_reach,
+    variance_components,
+)
+
+# The planned design (issue 18): every arm on the same seeds, compared with uniform seed by seed.
+PLANNED_ARMS = ["uniform", "gainrl", "length", "accuracy_curriculum", "pass_rate_priority", "greso", "mopps",
+                "uniform_filter"]
+PLANNED_SEEDS = 5
+PLANNED_STEPS = 30
+PLANNED_PROMPTS_PER_STEP = 4
+PLANNED_VAL_PROMPTS = 256
+PLANNED_VALIDATIONS = 5  # steps 6, 12, 18, 24, 30 (step 0: the shared baseline)
+BASE_ARM = "uniform"
+METRIC_LABEL = {"final_accuracy": "final val accuracy", "curve_area": "area under the val curve / steps",
+                "steps_to_reach": "steps to reach uniform's final"}
 
 
-def run(specs: list[str], scale: str) -> None:
-    for spec in specs:
-        arm, seed = spec.split(":")
-        suffix = "" if scale == "cpu" else "_gpu"
-        if (RESULTS / f"{arm}_seed{seed}{suffix}.json").exists():
+# ============================================================================================== running
+
+
+def run_one(arm: str | None, seed: int, design: str, out_dir: Path, extra: list[str], *, baseline: bool = False,
+            run_root: Path | None = None) -> int:
+    """One run_ab.py subprocess (a fresh process per run: no state leaks between arms); its log in runs/."""
+    name = "baseline" if baseline else f"{arm}_seed{seed}"
+    run_root = run_root or ROOT / "runs" / "study" / design / out_dir.name
+    log = run_root / f"{name}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, str(ROOT / "experiments/run_ab.py"), "--design", design, "--out-dir", str(out_dir),
+           "--run-root", str(run_root)]
+    cmd += ["--baseline"] if baseline else ["--arm", arm, "--seed", str(seed)]
+    cmd += ["--", *extra] if extra else []
+    print("[study] " + " ".join(cmd), flush=True)
+    with log.open("w") as fh:
+        rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
+    print(f"[study] {name}: exit {rc} (log {log})", flush=True)
+    return rc
+
+
+def run(specs: list[tuple[str, int]], design: str, out_dir: Path, extra: list[str],
+        run_root: Path | None = None) -> None:
+    """Run arm:seed specs in order, skipping finished ones; the shared step-0 baseline first (power/gpu)."""
+    if design != "miniature" and not (out_dir / "baseline.json").exists():
+        if run_one(None, 0, design, out_dir, extra, baseline=True, run_root=run_root):
+            sys.exit("the baseline validation failed: see its log")
+    for arm, seed in specs:
+        suffix = "_gpu" if design == "gpu" else ""
+        if (out_dir / f"{arm}_seed{seed}{suffix}.json").exists():
             print(f"[study] {arm} seed {seed}: done already, skipped", flush=True)
             continue
-        log = ROOT / "runs" / "study" / f"{arm}_seed{seed}{suffix}.log"
-        log.parent.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, str(ROOT / "experiments/run_ab.py"), "--arm", arm, "--seed", seed, "--scale", scale]
-        print("[study] " + " ".join(cmd), flush=True)
-        with log.open("w") as fh:
-            rc = subprocess.call(cmd, stdout=fh, stderr=subprocess.STDOUT, cwd=ROOT)
-        print(f"[study] {arm} seed {seed}: exit {rc}", flush=True)
+        run_one(arm, seed, design, out_dir, extra, run_root=run_root)
+
+
+def planned_specs(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
+    """Seed-major order: every arm of seed 0, then of seed 1, ... (a partial study stays paired)."""
+    return [(arm, seed) for seed in seeds for arm in arms]
+
+
+def parse_specs(specs: list[str]) -> list[tuple[str, int]]:
+    out = []
+    for spec in specs:
+        arm, _, seed = spec.partition(":")
+        if not seed.isdigit():
+            raise SystemExit(f"--runs {spec!r}: expected arm:seed, e.g. gainrl:0")
+        out.append((arm, int(seed)))
+    return out
+
+
+# ============================================================================================== loading
+
+
+def load_design(out_dir: Path) -> tuple[dict | None, dict[str, dict[int, dict]]]:
+    """(baseline, {arm: {seed: run}}) from a power-design results directory."""
+    baseline_path = out_dir / "baseline.json"
+    baseline = json.loads(baseline_path.read_text()) if baseline_path.exists() else None
+    runs: dict[str, dict[int, dict]] = defaultdict(dict)
+    for path in sorted(out_dir.glob("*_seed*.json")):
+        r = json.loads(path.read_text())
+        if r.get("kind") == "run":
+            runs[r["arm"]][int(r["seed"])] = r
+    return baseline, dict(runs)
+
+
+def run_matrix(r: dict, baseline: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(steps, correct[steps, prompts]) of one run, with the shared baseline as step 0."""
+    if r["val_digest"] != baseline["val_digest"]:
+        raise ValueError(f"{r['arm']} seed {r['seed']} was validated on other prompts than the baseline "
+                         f"({r['val_digest']} != {baseline['val_digest']}): rerun one of them")
+    points = {0: baseline["per_prompt"]}
+    for v in r["val"]:
+        if v["step"] > 0:
+            points[v["step"]] = v["per_prompt"]
+    steps = np.array(sorted(points), dtype=np.float64)
+    return steps, np.array([points[int(s)] for s in steps], dtype=np.float64)
+
+
+def paired_arrays(runs: dict[str, dict[int, dict]], baseline: dict, arm: str, base: str = BASE_ARM):
+    """(steps, seeds, arm[seeds, steps, prompts], base[...]) over the seeds both arms finished."""
+    seeds = sorted(set(runs.get(arm, {})) & set(runs.get(base, {})))
+    if not seeds:
+        return None
+    mats = [(run_matrix(runs[arm][s], baseline), run_matrix(runs[base][s], baseline)) for s in seeds]
+    steps = mats[0][0][0]
+    for (sa, _), (sb, _) in mats:
+        if not (np.array_equal(sa, steps) and np.array_equal(sb, steps)):
+            raise ValueError(f"{arm} and {base} were validated at different steps: {sa} / {sb} / {steps}")
+    return steps, seeds, np.stack([a[1] for a, _ in mats]), np.stack([b[1] for _, b in mats])
+
+
+# ============================================================================================== power report
+
+
+def generated_groups(r: dict) -> int:
+    """Prompt groups generated over the run (trained + dropped by the DAPO filter)."""
+    return int(sum(t.get("generated_groups", len(t["indices"])) for t in r["train"]))
 
 
 def spearman(x, y) -> float:
-    """Spearman's rho with average ranks for ties (scipy's, but NaN-safe for constant inputs)."""
+    """Spearman's rho with average ranks for ties (NaN for fewer than 3 points or a constant input)."""
     from scipy.stats import spearmanr
 
     if len(x) < 3 or len(set(x)) < 2 or len(set(y)) < 2:
@@ -51,218 +164,444 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
-def load() -> dict[str, list[dict]]:
-    by_arm: dict[str, list[dict]] = defaultdict(list)
-    for path in sorted(RESULTS.glob("*_seed*.json")):
-        if path.stem.endswith("_gpu"):
-            continue
-        r = json.loads(path.read_text())
-        by_arm[r["arm"]].append(r)
-    return by_arm
+def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int = 4000) -> list[dict]:
+    """Every arm against uniform on their common seeds: paired bootstrap of each metric."""
+    rows = []
+    for arm in [a for a in PLANNED_ARMS if a in runs] + sorted(set(runs) - set(PLANNED_ARMS)):
+        rs = list(runs[arm].values())
+        row = {"arm": arm, "seeds": len(rs), "seed_list": sorted(runs[arm]),
+               "final_acc_mean": float(np.mean([r["val"][-1]["accuracy"] for r in rs])),
+               "train_reward": float(np.mean([np.mean([t["reward"] for t in r["train"]]) for r in rs])),
+               "groups_generated": float(np.mean([generated_groups(r) for r in rs])),
+               "groups_trained": float(np.mean([sum(len(t["indices"]) for t in r["train"]) for r in rs]))
+               if arm not in ("uniform_filter", "greso_filter") else float(np.mean(
+                   [r["max_steps"] * PLANNED_PROMPTS_PER_STEP for r in rs])),
+               "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
+        pair = paired_arrays(runs, baseline, arm) if arm != BASE_ARM else None
+        if pair is not None:
+            steps, seeds, a, b = pair
+            row["paired_seeds"] = seeds
+            for metric in METRICS:
+                c = paired_bootstrap(steps, a, b, metric, replicates=replicates)
+                row[metric] = {"arm": c.arm_mean, "uniform": c.base_mean, "difference": c.difference,
+                               "low": c.low, "high": c.high, "per_seed": list(c.per_seed),
+                               "resolved": c.excludes_zero}
+        elif BASE_ARM in runs:  # uniform itself: its own metric values (no comparison)
+            seeds = sorted(runs[arm])
+            mats = [run_matrix(runs[arm][s], baseline) for s in seeds]
+            curves = np.stack([m.mean(-1) for _, m in mats])
+            steps = mats[0][0]
+            row["final_accuracy"] = {"arm": float(curves[:, -1].mean())}
+            row["curve_area"] = {"arm": float(np.mean(curve_area(steps, curves)))}
+            row["steps_to_reach"] = {"arm": float(np.mean(steps_to_reach(steps, curves, curves[:, -1])))}
+        rows.append(row)
+    return rows
 
 
-def val_curve(r: dict) -> tuple[np.ndarray, np.ndarray]:
-    # Validation at step 0 can be logged twice (sanity pass, then a round boundary): keep the last per step.
-    # The CSV logger's values are the reference (every run has them); the recorder's are a cross-check.
-    points = {v["step"]: v["accuracy"] for v in (r.get("val_from_csv") or r["val"])}
-    steps = np.array(sorted(points))
-    return steps, np.array([points[s] for s in steps])
+def family_table(runs: dict[str, dict[int, dict]], baseline: dict) -> dict[str, dict[str, float]]:
+    """Final accuracy per validation family, per arm (mean over seeds); step 0 as `baseline`."""
+    families = [p["family"] for p in baseline["val_prompts"]]
+    level = {p["family"]: p["level"] for p in baseline["val_prompts"]}
+    names = sorted(set(families), key=lambda f: (level[f], f))  # easiest first
+
+    def by_family(values):
+        v = np.asarray(values, dtype=np.float64)
+        return {f: float(v[[i for i, g in enumerate(families) if g == f]].mean()) for f in names}
+
+    out = {"baseline": by_family(baseline["per_prompt"])}
+    for arm, rs in runs.items():
+        per_seed = [by_family(r["val"][-1]["per_prompt"]) for r in rs.values()]
+        out[arm] = {f: float(np.mean([p[f] for p in per_seed])) for f in names}
+    return out
 
 
-def steps_to_reach(r: dict, target: float) -> float | None:
-    steps, acc = val_curve(r)
-    hit = [s for s, a in zip(steps, acc, strict=True) if a >= target - 1e-9]
-    return float(hit[0]) if hit else None
+def first_solved_spearman(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, float]]:
+    """Over the prompts each run drew: Spearman of first-solved step with the angle rank, length and level.
 
-
-def generated_groups(r: dict) -> float:
-    """Prompt groups generated over the run: trained + dropped by the DAPO filter (from the run's CSV log).
-
-    Runs without the filter generate exactly the trained groups (max_steps x prompts per step). The
-    filter's extra generation rounds are compute the other arms do not spend, so the table shows it.
+    Positive = that ordering's early prompts got solved early (the paper's claim for the angle rank). The angle
+    scores (by training-set position) come from the arm's own run, or from a gainrl run for the others (same
+    model and data).
     """
-    log = ROOT / "runs" / "study" / f"{r['arm']}_seed{r['seed']}" / "csv" / "version_0" / "metrics.csv"
-    if "dynamic_sampling" not in " ".join(r.get("cli_args", [])) or not log.exists():
-        return float(sum(len(t["indices"]) for t in r["train"]))
-    total = 0.0
-    with log.open() as fh:
-        for row in csv.DictReader(fh):
-            for key in ("dynamic_sampling/trained_groups", "dynamic_sampling/dropped_groups"):
-                if row.get(key):
-                    total += float(row[key])
-    return total
-
-
-def report() -> None:
-    by_arm = load()
-    arms = [a for a in ORDER if a in by_arm] + sorted(set(by_arm) - set(ORDER))
-    if not arms:
-        sys.exit("no results yet in experiments/results/")
-    # angle scores by question, from any full-data angle run (deterministic: same model, data, prompt)
-    angle_by_q = {}
-    for r in by_arm.get("gainrl", []):
-        angle_by_q.update({p["question"]: p["angle_score"] for p in r["prompts"] if p["angle_score"] is not None})
-    uniform_final = (float(np.mean([val_curve(r)[1][-1] for r in by_arm["uniform"]]))
-                     if "uniform" in by_arm else None)
-
-    rows, detail = [], {}
-    for arm in arms:
-        rs = by_arm[arm]
-        finals = [val_curve(r)[1][-1] for r in rs]
-        base = [val_curve(r)[1][0] for r in rs]
-        reach = [steps_to_reach(r, uniform_final) for r in rs] if uniform_final is not None else []
-        # first-solved step vs angle rank, over prompts drawn at least once; never solved = censored at max+1
-        rhos, rhos_len, rhos_level, solved_frac = [], [], [], []
-        for r in rs:
-            # an angle arm's own scores (its layer, its data half); the full-data last-layer scores otherwise
-            own = {p["question"]: p["angle_score"] for p in r["prompts"] if p["angle_score"] is not None}
-            scores = own or angle_by_q
-            drawn = [p for p in r["prompts"] if p["times_drawn"] > 0 and p["question"] in scores]
-            if not drawn:
-                continue
+    shared = next((r["angle_scores"] for r in runs.get("gainrl", {}).values() if r.get("angle_scores")), None)
+    out = {}
+    for arm, rs in runs.items():
+        rho = defaultdict(list)
+        for r in rs.values():
+            scores = r.get("angle_scores") or shared
+            drawn = [p for p in r["prompts"] if p["times_drawn"] > 0]
             cens = r["max_steps"] + 1
             fs = [p["first_solved_step"] if p["first_solved_step"] is not None else cens for p in drawn]
-            # angle rank: 0 = highest concentration (the paper's "learn first"); rank among all scored prompts
-            order = sorted(scores, key=lambda q: -scores[q])
-            rank_of = {q: i for i, q in enumerate(order)}
-            rhos.append(spearman([rank_of[p["question"]] for p in drawn], fs))
-            rhos_len.append(spearman([p["question_tokens"] for p in drawn], fs))
-            rhos_level.append(spearman([float(p["level"]) for p in drawn], fs))
-            solved_frac.append(sum(p["first_solved_step"] is not None for p in drawn) / len(drawn))
-        mu = [[h.get("mu") for h in r["schedule_history"]] for r in rs]
-        row = {
-            "arm": arm, "seeds": len(rs), "baseline_acc": float(np.mean(base)),
-            "final_acc_mean": float(np.mean(finals)), "final_acc_sd": float(np.std(finals, ddof=1)) if len(rs) > 1 else 0.0,
-            "final_acc_min": float(np.min(finals)), "final_acc_max": float(np.max(finals)),
-            # mean over the validations after training started: uses every point, so less noisy than the final
-            "mean_acc_after_step0": float(np.mean([val_curve(r)[1][1:].mean() for r in rs])),
-            "steps_to_uniform_final": (None if not reach else
-                                       "/".join("never" if s is None else str(int(s)) for s in reach)),
-            "rho_angle_rank_first_solved": float(np.nanmean(rhos)) if rhos else float("nan"),
-            "rho_qlen_first_solved": float(np.nanmean(rhos_len)) if rhos_len else float("nan"),
-            "rho_level_first_solved": float(np.nanmean(rhos_level)) if rhos_level else float("nan"),
-            "drawn_solved_fraction": float(np.mean(solved_frac)) if solved_frac else float("nan"),
-            "mean_train_reward": float(np.mean([np.mean([t["reward"] for t in r["train"]]) for r in rs])),
-            "wall_s_mean": float(np.mean([r["wall_s"] for r in rs])),
-            "groups_generated_mean": float(np.mean([generated_groups(r) for r in rs])),
-        }
-        rows.append(row)
-        detail[arm] = {"curves": {r["seed"]: dict(zip(*(x.tolist() for x in val_curve(r)), strict=True)) for r in rs},
-                       "mu": mu, "finals": finals,
-                       "schedule_history": [[{k: v for k, v in h.items() if k != "drawn_ranks"}
-                                             for h in r["schedule_history"]] for r in rs],
-                       "ranking_summary": rs[0].get("ranking_summary")}
-
-    # the angle score's relation to simple difficulty proxies on this training set
-    proxies = {}
-    for r in by_arm.get("gainrl", [])[:1]:
-        ps = [p for p in r["prompts"] if p["angle_score"] is not None]
-        s = [p["angle_score"] for p in ps]
-        proxies = {"spearman_angle_score_question_tokens": spearman(s, [p["question_tokens"] for p in ps]),
-                   "spearman_angle_score_level": spearman(s, [float(p["level"]) for p in ps]),
-                   "spearman_question_tokens_level": spearman([p["question_tokens"] for p in ps],
-                                                              [float(p["level"]) for p in ps])}
-    n_val = next(iter(by_arm.values()))[0]["num_val_prompts"]
-    summary = {"uniform_final_mean": uniform_final, "num_val_prompts": n_val, "one_prompt_is": 1.0 / n_val,
-               "angle_score_proxies": proxies, "arms": rows, "detail": detail}
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
-    with (RESULTS / "summary.csv").open("w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    plot(by_arm, arms)
-    print(markdown(rows, summary))
+            if scores:
+                rank_of = {pos: i for i, pos in enumerate(sorted(range(len(scores)), key=lambda q: -scores[q]))}
+                rho["angle_rank"].append(spearman([rank_of[p["position"]] for p in drawn], fs))
+            rho["question_tokens"].append(spearman([p["question_tokens"] for p in drawn], fs))
+            rho["level"].append(spearman([float(p["level"]) for p in drawn], fs))
+        out[arm] = {k: float(np.nanmean(v)) if np.isfinite(v).any() else float("nan") for k, v in rho.items()}
+    return out
 
 
-def markdown(rows: list[dict], summary: dict) -> str:
-    head = ("| arm | seeds | val acc step 0 | final val acc (mean, sd, min-max) | mean val acc, steps 4-12 | "
-            "steps to uniform's final | "
-            "Spearman(angle rank, first solved) | same, question length | same, level | train reward | "
-            "groups generated | s/run |")
-    lines = [head, "|" + " --- |" * 12]
+def _ci(d: dict | None, fmt: str = "+.3f") -> str:
+    if not d or "difference" not in d:
+        return "-"
+    mark = " *" if d["resolved"] else ""
+    return f"{d['difference']:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]{mark}"
+
+
+def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dict) -> str:
+    lines = [f"Validation: {baseline['num_val_prompts']} prompts, {baseline['val_decoding']}; step-0 accuracy "
+             f"{baseline['accuracy']:.3f} (shared by every run). Differences are arm - uniform on the same seeds, "
+             "mean over seeds, with 95 % paired bootstrap intervals over seeds and validation prompts; * = the "
+             "interval excludes 0. Steps to reach: each seed's own uniform final accuracy; never = last step + "
+             "one validation interval.", "",
+             "| arm | seeds | final val acc | vs uniform | area under curve | vs uniform | steps to uniform's "
+             "final | vs uniform | train reward | groups generated / trained | s/run |",
+             "|" + " --- |" * 11]
     for r in rows:
+        fin, auc, reach = r.get("final_accuracy") or {}, r.get("curve_area") or {}, r.get("steps_to_reach") or {}
         lines.append(
-            f"| {r['arm']} | {r['seeds']} | {r['baseline_acc']:.3f} | {r['final_acc_mean']:.3f}, "
-            f"{r['final_acc_sd']:.3f}, {r['final_acc_min']:.3f}-{r['final_acc_max']:.3f} | "
-            f"{r['mean_acc_after_step0']:.3f} | "
-            f"{r['steps_to_uniform_final']} | {r['rho_angle_rank_first_solved']:+.2f} | "
-            f"{r['rho_qlen_first_solved']:+.2f} | {r['rho_level_first_solved']:+.2f} | "
-            f"{r['mean_train_reward']:.3f} | {r['groups_generated_mean']:.0f} | {r['wall_s_mean']:.0f} |")
-    lines.append("")
-    n_val = summary["num_val_prompts"]
-    lines.append("| arm | final val accuracy per seed (correct of %d) |" % n_val)
-    lines.append("| --- | --- |")
-    for arm, d in summary["detail"].items():
-        per_seed = ", ".join(f"s{seed} {round(curve[max(curve)] * n_val)}" for seed, curve in sorted(d["curves"].items()))
-        lines.append(f"| {arm} | {per_seed} |")
-    lines.append("")
-    lines.append(f"uniform final (mean) = {summary['uniform_final_mean']}; val prompts = {summary['num_val_prompts']} "
-                 f"(one prompt = {summary['one_prompt_is']:.3f} accuracy); proxies: {summary['angle_score_proxies']}")
+            f"| {r['arm']} | {r['seeds']} | {r['final_acc_mean']:.3f} | {_ci(fin)} | "
+            f"{auc.get('arm', float('nan')):.3f} | {_ci(auc)} | "
+            f"{reach.get('arm', float('nan')):.1f} | {_ci(reach, '+.1f')} | {r['train_reward']:.3f} | "
+            f"{r['groups_generated']:.0f} / {r['groups_trained']:.0f} | {r['wall_s']:.0f} |")
+    names = list(families["baseline"])
+    lines += ["", "| final val accuracy by family | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+    for arm, fam in families.items():
+        lines.append(f"| {arm} | " + " | ".join(f"{fam[n]:.2f}" for n in names) + " |")
+    lines += ["", "| Spearman(first-solved step, ...) over drawn prompts | angle rank | question tokens | level |",
+              "| --- | --- | --- | --- |"]
+    for arm, rho in solved.items():
+        lines.append(f"| {arm} | {rho.get('angle_rank', float('nan')):+.2f} | {rho['question_tokens']:+.2f} | "
+                     f"{rho['level']:+.2f} |")
     return "\n".join(lines)
 
 
-def plot(by_arm: dict[str, list[dict]], arms: list[str]) -> None:
+def plot_power(runs: dict[str, dict[int, dict]], baseline: dict, rows: list[dict], out_dir: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    # two panels, so that seed bands stay readable: the paper's arms, then the other schedules against them
-    panels = [("GAIN-RL against its baselines", ["gainrl", "uniform", "length", "gainrl_half"]),
-              ("other schedules (gainrl and uniform repeated)", ["gainrl", "uniform"] + [
-                  a for a in arms if a not in ("gainrl", "uniform", "length", "gainrl_half")])]
-    fig, axes = plt.subplots(1, 2, figsize=(13, 4.8), sharey=True)
+    arms = [r["arm"] for r in rows]
     colors = {arm: f"C{i}" for i, arm in enumerate(arms)}
-    for ax, (title, members) in zip(axes, panels, strict=True):
-        for arm in [a for a in members if a in by_arm]:
-            curves = [val_curve(r) for r in by_arm[arm]]
-            steps = curves[0][0]
-            curves = [c for c in curves if len(c[0]) == len(steps) and (c[0] == steps).all()]
-            acc = np.stack([c[1] for c in curves])
-            ax.plot(steps, acc.mean(0), marker="o", color=colors[arm], label=f"{arm} (n={len(acc)})")
-            if len(acc) > 1:  # band = min..max over seeds
-                ax.fill_between(steps, acc.min(0), acc.max(0), alpha=0.12, color=colors[arm])
-        ax.set_title(title, fontsize=10)
-        ax.set_xlabel("optimizer step (4 prompts x G=4 each)")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-    axes[0].set_ylabel("val accuracy (greedy, 24 prompts)")
-    fig.suptitle("Miniature GAIN-RL study: SmolLM2-135M, arithmetic, CPU (mean over seeds; band = min-max)")
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for arm in arms:
+        mats = [run_matrix(r, baseline) for r in runs[arm].values()]
+        steps = mats[0][0]
+        curves = np.stack([m.mean(-1) for s, m in mats if np.array_equal(s, steps)])
+        ax.plot(steps, curves.mean(0), marker="o", color=colors[arm], label=f"{arm} (n={len(curves)})",
+                lw=2.5 if arm in ("uniform", "gainrl") else 1.3)
+        if len(curves) > 1:
+            ax.fill_between(steps, curves.min(0), curves.max(0), alpha=0.08, color=colors[arm])
+    ax.set_xlabel(f"optimizer step ({PLANNED_PROMPTS_PER_STEP} prompts x G=4 each)")
+    ax.set_ylabel(f"val accuracy (greedy fp32, {baseline['num_val_prompts']} prompts)")
+    ax.set_title("Schedule study: SmolLM2-135M, arithmetic, CPU (mean over seeds; band = min-max)", fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(RESULTS / "val_accuracy.png", dpi=110)
+    fig.savefig(out_dir / "val_accuracy.png", dpi=110)
     plt.close(fig)
 
-    runs = [r for a in ("gainrl", "gainrl_half", "gainrl_layer8") for r in by_arm.get(a, [])]
-    if runs:
-        fig, ax = plt.subplots(figsize=(8, 4.5))
-        for k, r in enumerate(runs):  # one colour per run: mu solid, the mean rank it drew dotted
-            h = r["schedule_history"]
-            ax.plot([e["step"] for e in h], [e.get("mu") for e in h], marker="o", color=f"C{k}",
-                    label=f"{r['arm']} s{r['seed']} (N={r['num_train_prompts']})")
-            ax.plot([e["step"] for e in h], [e.get("drawn_rank_mean") for e in h], ls=":", color=f"C{k}")
-        ax.set_title("mu (solid) and the mean rank of the drawn prompts (dotted)", fontsize=10)
-        ax.set_xlabel("optimizer step")
-        ax.set_ylabel("rank position")
+    compared = [r for r in rows if "difference" in (r.get("final_accuracy") or {})]
+    if not compared:
+        return
+    fig, axes = plt.subplots(1, 3, figsize=(14, 0.5 * len(compared) + 2), sharey=True)
+    for ax, metric in zip(axes, METRICS, strict=True):
+        for y, r in enumerate(compared):
+            d = r[metric]
+            ax.errorbar(d["difference"], y, xerr=[[d["difference"] - d["low"]], [d["high"] - d["difference"]]],
+                        fmt="o", color=colors[r["arm"]], capsize=3)
+        ax.axvline(0, color="k", lw=0.8)
+        ax.set_title(f"{METRIC_LABEL[metric]}: arm - uniform", fontsize=9)
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=7)
-        fig.tight_layout()
-        fig.savefig(RESULTS / "gainrl_mu.png", dpi=110)
-        plt.close(fig)
+    axes[0].set_yticks(range(len(compared)), [r["arm"] for r in compared])
+    fig.suptitle("Paired differences from uniform, 95 % bootstrap intervals (seeds and validation prompts)",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(out_dir / "differences.png", dpi=110)
+    plt.close(fig)
 
 
-def main() -> None:
+def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
+    baseline, runs = load_design(out_dir)
+    if baseline is None or not runs:
+        print(f"[report] {out_dir}: no baseline or no runs yet")
+        return None
+    rows = compare(runs, baseline, replicates=replicates)
+    families = family_table(runs, baseline)
+    solved = first_solved_spearman(runs)
+    summary = {"baseline_accuracy": baseline["accuracy"], "num_val_prompts": baseline["num_val_prompts"],
+               "val_decoding": baseline["val_decoding"], "arms": rows, "families": families,
+               "first_solved_spearman": solved,
+               "wall_time": {c: wall_time_model(runs, baseline, clock=c) for c in ("wall", "cpu")}}
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
+    flat = []
+    for r in rows:
+        item = {k: v for k, v in r.items() if not isinstance(v, (dict, list))}
+        for metric in METRICS:
+            for k, v in (r.get(metric) or {}).items():
+                if not isinstance(v, list):
+                    item[f"{metric}_{k}"] = v
+        flat.append(item)
+    keys = sorted({k for item in flat for k in item}, key=lambda k: (k != "arm", k))
+    with (out_dir / "summary.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(flat)
+    plot_power(runs, baseline, rows, out_dir)
+    text = power_markdown(rows, baseline, families, solved)
+    (out_dir / "summary.md").write_text(text + "\n")
+    print(f"## {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}\n\n{text}\n")
+    return summary
+
+
+# ============================================================================================== pilot and power
+
+
+def power_analysis(out_dir: Path, *, seeds: int = PLANNED_SEEDS, val_prompts: int = PLANNED_VAL_PROMPTS) -> dict:
+    """Noise of each metric's paired difference in a pilot, and the gap the planned design can resolve.
+
+    Final accuracy and curve area: per-prompt differences d[seed, prompt] (arm - uniform, every arm of the
+    pilot against uniform) split into a seed part, a prompt part and seed-by-prompt noise
+    (`variance_components`); the planned design's standard error is then sqrt((seed + noise / P) / S +
+    prompt / P) for S seeds and P prompts (the prompt part is fixed: the same prompts serve every seed).
+    With one seed per arm only an upper bound of the prompt part exists, and no seed part: the result is a
+    floor (what the prompts alone cost), said so. Steps to reach: per-seed differences only (>= 2 seeds).
+    A pilot shorter than the planned runs measures the noise of shorter runs.
+    """
+    baseline, runs = load_design(out_dir)
+    if baseline is None or BASE_ARM not in runs:
+        raise SystemExit(f"{out_dir}: a pilot needs the baseline and uniform runs")
+    out = {"pilot_dir": str(out_dir), "planned_seeds": seeds, "planned_val_prompts": val_prompts, "metrics": {}}
+    pairs = [paired_arrays(runs, baseline, arm) for arm in runs if arm != BASE_ARM]
+    pairs = [p for p in pairs if p is not None]
+    for metric in METRICS:
+        entry: dict = {"pilot_pairs": len(pairs), "pilot_seeds": [len(p[1]) for p in pairs]}
+        if metric == "steps_to_reach":
+            sds = [float(np.std(paired_bootstrap(st, a, b, metric, replicates=50, resample_prompts=False).per_seed,
+                                ddof=1)) for st, sl, a, b in pairs if len(sl) >= 2]
+            if sds:
+                sd = float(np.sqrt(np.mean(np.square(sds))))
+                entry.update(sd_per_seed_difference=sd, mdd=minimum_detectable_difference(sd, seeds),
+                             seeds_for={str(g): seeds_needed(sd, g) for g in (1, 2, 4)})
+            out["metrics"][metric] = entry
+            continue
+        comps = []
+        for st, _, a, b in pairs:
+            if metric == "final_accuracy":
+                d = a[:, -1] - b[:, -1]
+            else:
+                d = curve_area(st, np.moveaxis(a, 1, -1)) - curve_area(st, np.moveaxis(b, 1, -1))
+            comps.append(variance_components(d))
+        if not comps:
+            out["metrics"][metric] = entry
+            continue
+        separated = all(c.prompt is not None for c in comps)
+        seed_var = float(np.mean([c.seed for c in comps]))
+        noise = float(np.mean([c.noise for c in comps]))
+        prompt_var = float(np.mean([c.prompt if separated else c.prompt_upper for c in comps]))
+        per_seed_sd = float(np.sqrt(seed_var + noise / val_prompts))
+        fixed_se = float(np.sqrt(prompt_var / val_prompts))
+        entry.update(seed_variance=seed_var, prompt_variance=prompt_var, noise_variance=noise,
+                     prompt_part_separated=separated, per_seed_sd_planned=per_seed_sd, fixed_se_planned=fixed_se)
+        if separated:
+            entry.update(mdd=minimum_detectable_difference(per_seed_sd, seeds, fixed_se=fixed_se),
+                         seeds_for={str(g): seeds_needed(per_seed_sd, g, fixed_se=fixed_se)
+                                    for g in (0.02, 0.03, 0.05, 0.1)})
+        else:
+            entry["mdd_floor_upper"] = minimum_detectable_difference(0.0, seeds, fixed_se=fixed_se)
+        out["metrics"][metric] = entry
+    return out
+
+
+def print_power(analysis: dict) -> None:
+    print(f"\n## Power of the planned design ({analysis['planned_seeds']} seeds, {analysis['planned_val_prompts']} "
+          f"validation prompts), from {analysis['pilot_dir']}\n")
+    for metric, e in analysis["metrics"].items():
+        head = f"- {METRIC_LABEL[metric]} ({e['pilot_pairs']} arm pairs, seeds {e['pilot_seeds']}): "
+        if "mdd" in e and "fixed_se_planned" in e:
+            print(head + f"per-seed sd {e['per_seed_sd_planned']:.4f} (seed part {np.sqrt(e['seed_variance']):.4f}), "
+                  f"fixed validation-prompt SE {e['fixed_se_planned']:.4f} -> minimum detectable gap "
+                  f"{e['mdd']:.4f} (alpha 0.05, power 0.8); seeds needed for a gap of "
+                  + ", ".join(f"{g}: {n if n else '>1000'}" for g, n in e["seeds_for"].items()))
+        elif "mdd" in e:
+            print(head + f"sd of per-seed differences {e['sd_per_seed_difference']:.2f} steps -> minimum detectable "
+                  f"gap {e['mdd']:.2f} steps; seeds needed for " +
+                  ", ".join(f"{g} steps: {n if n else '>1000'}" for g, n in e["seeds_for"].items()))
+        elif "mdd_floor_upper" in e:
+            print(head + "only 1 seed per arm: the seed part is unknown and the prompt part only bounded "
+                  f"(prompt variance <= {e['prompt_variance']:.4f}, planned fixed SE <= {e['fixed_se_planned']:.4f}). "
+                  f"What the prompts alone cost: a gap below {e['mdd_floor_upper']:.4f} may be unresolvable "
+                  "whatever the seeds (an upper bound); run >= 2 seeds per arm for the full figure")
+        else:
+            print(head + "needs >= 2 paired seeds")
+
+
+def wall_time_model(runs: dict[str, dict[int, dict]], baseline: dict | None, *, clock: str = "wall") -> dict:
+    """Seconds per training step (by arm), per validated prompt, and per run outside both, from saved runs.
+
+    clock `wall`: as measured (on a shared machine: with its contention); `cpu`: the process's CPU seconds
+    divided by its torch threads, the wall time it would take with its cores to itself and perfect thread
+    scaling (a lower bound; runs saved before CPU time was recorded are left out).
+    """
+    def t(record: dict, threads: int) -> float | None:
+        if clock == "wall":
+            return record.get("seconds")
+        return None if record.get("cpu_s") is None else record["cpu_s"] / threads
+
+    steps, val_s, val_prompts, other = defaultdict(list), 0.0, 0, []
+    for arm, rs in runs.items():
+        for r in rs.values():
+            threads = r.get("threads", 2)
+            times = [t(x, threads) for x in r["train"]]
+            vals = [t(v, threads) for v in r["val"]]
+            total = r["wall_s"] if clock == "wall" else (r.get("cpu_s") or 0) / threads
+            if None in times or None in vals or not total:
+                continue
+            # the first step carries one-off costs (ranking, warm-up): counted with the overhead
+            steps[arm] += times[1:]
+            val_s += sum(vals)
+            val_prompts += len(vals) * r["num_val_prompts"]
+            other.append(total - sum(times[1:]) - sum(vals))
+    base = None
+    if baseline and t(baseline, baseline.get("threads", 2)) is not None:
+        base = t(baseline, baseline.get("threads", 2)) / baseline["num_val_prompts"]
+    return {"clock": clock, "train_step_s": {arm: float(np.mean(v)) for arm, v in steps.items() if v},
+            "groups_per_step": {arm: float(np.mean([generated_groups(r) / max(1, r["global_step"])
+                                                    for r in rs.values()])) for arm, rs in runs.items()},
+            "val_s_per_prompt": val_s / val_prompts if val_prompts else None, "baseline_s_per_prompt": base,
+            "per_run_overhead_s": float(np.mean(other)) if other else None}
+
+
+def estimate_study_hours(model: dict, arms: list[str] = PLANNED_ARMS, seeds: int = PLANNED_SEEDS,
+                         steps: int = PLANNED_STEPS, validations: int = PLANNED_VALIDATIONS,
+                         val_prompts: int = PLANNED_VAL_PROMPTS) -> dict:
+    """Wall time of the planned study from measured unit costs (arms not measured: the measured mean per
+    generated group, times their groups per step; DAPO-filtered arms: 2.1 groups per trained group, as in
+    the miniature study)."""
+    measured = model["train_step_s"]
+    if not measured or model["val_s_per_prompt"] is None:
+        return {"per_run_s": {}, "total_hours": float("nan"), "runs": seeds * len(arms)}
+    per_group = np.mean([measured[a] / model["groups_per_step"][a] for a in measured])
+    per_arm = {}
+    for arm in arms:
+        if arm in measured:
+            step = measured[arm]
+        else:
+            groups = PLANNED_PROMPTS_PER_STEP * (2.1 if arm.endswith("_filter") else 1.0)
+            step = per_group * groups
+        # the overhead holds the first step (one-off costs), so the steps add steps - 1
+        run_s = (steps - 1) * step + validations * val_prompts * model["val_s_per_prompt"] + model["per_run_overhead_s"]
+        per_arm[arm] = run_s
+    total = seeds * sum(per_arm.values()) + val_prompts * (model["baseline_s_per_prompt"] or 0.0)
+    return {"per_run_s": per_arm, "total_hours": total / 3600, "runs": seeds * len(arms)}
+
+
+# ============================================================================================== miniature
+
+
+MINIATURE_ORDER = ["gainrl", "uniform", "length", "accuracy_curriculum", "gainrl_half", "adarft", "uniform_filter",
+                   "gainrl_layer8"]
+
+
+def report_miniature() -> None:
+    """The 12-step miniature of BENCHMARKS.md section 3, rebuilt from experiments/results/*_seed*.json."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from miniature_report import report as miniature_report
+
+    miniature_report(RESULTS, ROOT)
+
+
+# ============================================================================================== main
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra: list[str] = []
+    if "--" in argv:  # CLI overrides for every run (and the baseline), passed to run_ab.py
+        cut = argv.index("--")
+        argv, extra = argv[:cut], argv[cut + 1:]
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = ap.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("run", help="run arm:seed specs one after another")
-    p.add_argument("--runs", nargs="+", required=True, help="e.g. gainrl:0 uniform:0")
-    p.add_argument("--scale", choices=["cpu", "gpu"], default="cpu")
-    sub.add_parser("report", help="aggregate experiments/results/*.json into a table and plots")
-    args = ap.parse_args()
+    p = sub.add_parser("run", help="run arm:seed specs one after another (default: the planned study)")
+    p.add_argument("--runs", nargs="+", default=None, help="e.g. gainrl:0 uniform:0 (default: planned arms x seeds)")
+    p.add_argument("--design", choices=["power", "miniature", "gpu"], default="power")
+    p.add_argument("--scale", choices=["cpu", "gpu"], default=None, help="old spelling: cpu = miniature")
+    p.add_argument("--out-dir", default=None)
+    p.add_argument("--run-root", default=None, help="Lightning logs and run logs (default runs/study/<design>/<dir>)")
+    p = sub.add_parser("pilot", help="a few arms x seeds x steps, then the power analysis of the planned design")
+    p.add_argument("--arms", nargs="+", default=["uniform", "gainrl"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--steps", type=int, default=10, help="optimizer steps per run (even: rounds are 2 steps)")
+    p.add_argument("--val-limit", type=int, default=None, help="validate on the first N of the 256 prompts")
+    p.add_argument("--val-every-rounds", type=int, default=None, help="default: steps/2 (one validation at the end)")
+    p.add_argument("--out-dir", default=str(RESULTS / "pilot"))
+    p.add_argument("--run-root", default=None, help="Lightning logs and run logs (default runs/study/power/pilot)")
+    p = sub.add_parser("power", help="print the power analysis of a pilot's (or the study's) saved runs")
+    p.add_argument("--dir", default=str(RESULTS / "pilot"))
+    p = sub.add_parser("plan", help="print the planned design, its checks and (from saved runs) its wall time")
+    p.add_argument("--dir", default=str(RESULTS / "pilot"), help="runs whose unit costs give the wall time")
+    p = sub.add_parser("report", help="rebuild every table and plot from saved JSON")
+    p.add_argument("--design", choices=["all", "power", "miniature"], default="all")
+    p.add_argument("--replicates", type=int, default=4000)
+    args = ap.parse_args(argv)
     if args.cmd == "run":
-        run(args.runs, args.scale)
+        design = {"cpu": "miniature", "gpu": "gpu"}.get(args.scale, args.design)
+        out_dir = Path(args.out_dir) if args.out_dir else (RESULTS if design == "miniature" else RESULTS / design)
+        specs = parse_specs(args.runs) if args.runs else planned_specs(PLANNED_ARMS, list(range(PLANNED_SEEDS)))
+        run(specs, design, out_dir, extra, Path(args.run_root) if args.run_root else None)
+    elif args.cmd == "pilot":
+        if args.steps % 2:
+            raise SystemExit("--steps must be even (a round is 2 steps)")
+        rounds = args.steps // 2
+        every = args.val_every_rounds or rounds
+        extra = ["--trainer.max_steps", str(args.steps), "--trainer.check_val_every_n_epoch", str(every), *extra]
+        if args.val_limit:
+            extra += ["--data.val_limit", str(args.val_limit)]
+        out_dir = Path(args.out_dir)
+        run(planned_specs(args.arms, args.seeds), "power", out_dir, extra,
+            Path(args.run_root) if args.run_root else None)
+        report_power(out_dir, replicates=1000)
+        print_power(power_analysis(out_dir))
+        print_plan(out_dir)
+    elif args.cmd == "power":
+        print_power(power_analysis(Path(args.dir)))
+    elif args.cmd == "plan":
+        print_plan(Path(args.dir))
     else:
-        report()
+        if args.design in ("all", "miniature") and any(RESULTS.glob("*_seed*.json")):
+            report_miniature()
+        if args.design in ("all", "power"):  # the study and every pilot: each directory with a baseline
+            for out_dir in sorted(p.parent for p in RESULTS.glob("*/baseline.json")):
+                report_power(out_dir, replicates=args.replicates)
+
+
+def print_plan(measured_dir: Path) -> None:
+    draws = PLANNED_STEPS * PLANNED_PROMPTS_PER_STEP
+    n_train = sum(1 for _ in (ROOT / "data/arithmetic/study_train.jsonl").open()) \
+        if (ROOT / "data/arithmetic/study_train.jsonl").exists() else 0
+    print(f"\n## Planned design\n\narms: {', '.join(PLANNED_ARMS)}; {PLANNED_SEEDS} seeds each "
+          f"({len(PLANNED_ARMS) * PLANNED_SEEDS} runs), {PLANNED_STEPS} steps of {PLANNED_PROMPTS_PER_STEP} prompts "
+          f"x G=4, validation on {PLANNED_VAL_PROMPTS} prompts at {PLANNED_VALIDATIONS} steps + the shared step 0.")
+    print(f"A run draws {draws} prompts of {n_train}: "
+          + ("no prompt comes back within a run, so GRESO (which only skips prompts it has seen) draws exactly "
+             "uniform's rounds, and pass-rate priority and MoPPS act only through candidates they have seen "
+             "(MoPPS's candidate pool of 16 x 8 per round passes over the data about "
+             f"{PLANNED_STEPS // 2 * 128 / max(n_train, 1):.1f} times)." if draws < n_train else
+             "prompts come back within a run."))
+    baseline, runs = load_design(measured_dir)
+    if runs and baseline:
+        for clock, label in (("wall", "wall time as measured (with this machine's contention at the time)"),
+                             ("cpu", "CPU time / threads (the cores to itself, perfect thread scaling: a floor)")):
+            model = wall_time_model(runs, baseline, clock=clock)
+            est = estimate_study_hours(model)
+            if not model["train_step_s"]:
+                continue
+            print(f"{label}, from {measured_dir}: train step (s) "
+                  + ", ".join(f"{a} {v:.1f}" for a, v in model["train_step_s"].items())
+                  + f"; validation {model['val_s_per_prompt']:.2f} s per prompt; per-run overhead "
+                  f"{model['per_run_overhead_s']:.0f} s. Estimated study: {est['runs']} runs, "
+                  f"{est['total_hours']:.1f} h (per run: "
+                  + ", ".join(f"{a} {s_ / 60:.0f} min" for a, s_ in est["per_run_s"].items()) + ")")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,11 @@ one-digit addition down to ~5 % for subtraction at temperature 0.7).
     python -m gainrl_pl.arithmetic --n 512 --seed 0 --out data/arithmetic/train.jsonl
     python -m gainrl_pl.arithmetic --n 128 --seed 1 --out data/arithmetic/val.jsonl \
         --exclude data/arithmetic/train.jsonl
+    python -m gainrl_pl.arithmetic --study --seed 0 --out data/arithmetic      # study_{train,val}.jsonl
+
+The schedule study (issue 18) uses its own eight families (`STUDY_FAMILIES`, `level` 1-8 from a calibration
+at the study's settings) in exact per-family counts, with a held-out validation set from the same families:
+`generate_study_sets`.
 """
 
 from __future__ import annotations
@@ -81,6 +86,15 @@ def _boxes(person, item, a, b):
             a * b)
 
 
+def _has(person, item, a):
+    name = person[0]
+    return f"{name} has {a} {item}. How many {item} does {name} have?", a
+
+
+def _add_zero(variant, a):
+    return variant.format(a=a), a
+
+
 def _gets_more(person, item, a, b):
     name, pronoun = person
     return f"{name} has {a} {item}. {pronoun} gets {b} more. How many {item} does {name} have now?", a + b
@@ -89,6 +103,19 @@ def _gets_more(person, item, a, b):
 def _subtract(variant, a, b):
     return (variant.format(a=a, b=b), a - b) if b < a else None  # only "minus a smaller number"
 
+
+def _successor(variant, n):
+    return variant.format(n=n), n + 1
+
+
+_SMALL = {"What is {a} + {b}?": int.__add__, "What is {a} plus {b}?": int.__add__,
+          "What is the sum of {a} and {b}?": int.__add__, "How much is {a} + {b}?": int.__add__,
+          "Add {a} and {b}.": int.__add__, "What do you get when you add {a} and {b}?": int.__add__}
+_TEN_TIMES = {"What is 10 times {b}?": lambda a, b: 10 * b, "What is {b} times 10?": lambda a, b: 10 * b,
+              "What is {b} multiplied by 10?": lambda a, b: 10 * b}
+_SUCC = ("What number comes right after {n}?", "What is one more than {n}?", "What is {n} + 1?")
+_TENS = {"What is {a} + {b}?": int.__add__, "What is {a} plus {b}?": int.__add__,
+         "What is the sum of {a} and {b}?": int.__add__}
 
 # Ordered by measured base-model pass rate (demo-task.md), which is what `level` encodes.
 FAMILIES: dict[str, Family] = {f.name: f for f in (
@@ -106,7 +133,32 @@ FAMILIES: dict[str, Family] = {f.name: f for f in (
            (_NAMES, _ITEMS, range(10, 60), range(10, 40)), _gets_more),
     Family("sub_2d", 7, "subtraction, 10-60 minus a smaller number: What is 42 - 17?",
            (tuple(_SUB), range(10, 61), range(1, 60)), _subtract),
+    # Not part of the default set (whose files are shipped): candidates for an easier end of the study set.
+    Family("succ", 0, "the next number: What number comes right after 37?", (_SUCC, range(1, 99)), _successor),
+    Family("word_has", 0, "the answer is in the question: Max has 7 apples. How many apples does Max have?",
+           (_NAMES, _ITEMS, range(2, 100)), _has),
+    Family("add_zero", 0, "plus zero: What is 37 + 0?", (("What is {a} + 0?", "What is {a} plus 0?"), range(1, 100)),
+           _add_zero),
+    Family("add_small", 0, "small sums, six wordings: What is 3 + 2?", (tuple(_SMALL), range(1, 6), range(1, 6)),
+           _binary(_SMALL)),
+    Family("mul_10", 0, "times ten: What is 10 times 7?", (tuple(_TEN_TIMES), range(1), range(2, 100)),
+           _binary(_TEN_TIMES)),
+    Family("add_tens", 0, "multiples of ten: What is 30 + 40?", (tuple(_TENS), range(10, 100, 10), range(10, 100, 10)),
+           _binary(_TENS)),
 )}
+
+
+DEFAULT_FAMILIES = ("add_1d", "mul_1d", "add_2d_1d", "word_boxes", "add_2d_2d", "word_more", "sub_2d")
+"""The families of the shipped demo/train/val files (levels 1-7), the default of `generate_arithmetic`."""
+
+
+STUDY_FAMILIES = ("add_1d", "add_zero", "mul_1d", "word_boxes", "mul_10", "add_2d_1d", "sub_2d", "add_2d_2d")
+"""The study set's families, easiest first: the order of the base model's pass rate at the study's settings
+(T=0.7, 64 new tokens, paper prompt, bf16), pooled over two calibrations of 8 prompts x 4 samples per family
+(`experiments/calibrate_families.py --seed 1000` and `--seed 1001`: 0.38, 0.34, 0.30, 0.30, 0.13, 0.08,
+0.05, 0.03; mul_1d before word_boxes, tied here, as in the shared notes). The study files' `level` column
+encodes this order (1 = add_1d ... 8 = add_2d_2d). Families at ~0 % (word_more) are left out: every group of
+theirs has zero reward variance."""
 
 
 def generate_arithmetic(n: int, *, seed: int, families: Iterable[str] | None = None,
@@ -123,7 +175,7 @@ def generate_arithmetic(n: int, *, seed: int, families: Iterable[str] | None = N
     Returns:
         Rows `{"question", "answer" (integer as text), "family", "level"}`.
     """
-    names = list(FAMILIES) if families is None else list(families)
+    names = list(DEFAULT_FAMILIES) if families is None else list(families)
     unknown = [name for name in names if name not in FAMILIES]
     if unknown or not names:
         raise ValueError(f"families={names!r}: unknown {unknown}; allowed: {', '.join(FAMILIES)}")
@@ -154,6 +206,42 @@ def generate_arithmetic(n: int, *, seed: int, families: Iterable[str] | None = N
     return rows
 
 
+def generate_study_sets(*, seed: int, train_per_family: int = 128, val_per_family: int = 32,
+                        families: Sequence[str] = STUDY_FAMILIES) -> tuple[list[dict], list[dict]]:
+    """The study's training and validation sets: exact per-family counts, disjoint, from the same families.
+
+    Each family's questions come in one seeded order (seeded by (seed, family), so adding a family leaves the
+    others unchanged); validation takes its first `val_per_family`, training the next `train_per_family`, so
+    no question is in both (numbers may repeat in other wording for the one-digit families, whose number
+    pairs are fewer than the rows). `level` is the family's 1-based position in `families` (easiest first),
+    not the demo set's level. Each set is shuffled (seeded).
+
+    Returns:
+        (train, val): rows `{"question", "answer", "family", "level"}`.
+    """
+    names = list(families)
+    unknown = [name for name in names if name not in FAMILIES]
+    if unknown or not names or len(set(names)) != len(names):
+        raise ValueError(f"families={names!r}: unknown or repeated {unknown}; allowed: {', '.join(FAMILIES)}")
+    if train_per_family < 0 or val_per_family < 0:
+        raise ValueError(f"train_per_family={train_per_family} and val_per_family={val_per_family} must be >= 0")
+    train: list[dict] = []
+    val: list[dict] = []
+    for level, name in enumerate(names, start=1):
+        need = val_per_family + train_per_family
+        stream = FAMILIES[name].questions(random.Random(f"study:{seed}:{name}"))
+        drawn = list(itertools.islice(stream, need))
+        if len(drawn) < need:
+            raise ValueError(f"family {name} has only {len(drawn)} distinct questions; asked for {val_per_family} "
+                             f"validation + {train_per_family} training rows")
+        rows = [{"question": q, "answer": str(a), "family": name, "level": level} for q, a in drawn]
+        val += rows[:val_per_family]
+        train += rows[val_per_family:]
+    random.Random(f"study:{seed}:train-order").shuffle(train)
+    random.Random(f"study:{seed}:val-order").shuffle(val)
+    return train, val
+
+
 def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
     """Write rows as JSONL atomically (a partial file never replaces a good one)."""
     path = Path(path)
@@ -169,14 +257,31 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m gainrl_pl.arithmetic`: write a generated set as JSONL and print its family counts."""
     parser = argparse.ArgumentParser(prog="python -m gainrl_pl.arithmetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, required=True, help="number of rows")
+    parser.add_argument("--n", type=int, default=None, help="number of rows (not with --study)")
     parser.add_argument("--seed", type=int, required=True, help="random seed (same seed -> same file)")
-    parser.add_argument("--out", required=True, help="JSONL file to write")
+    parser.add_argument("--out", required=True, help="JSONL file to write (with --study: the directory)")
+    parser.add_argument("--study", action="store_true",
+                        help="write the schedule study's study_train.jsonl and study_val.jsonl into --out")
+    parser.add_argument("--train-per-family", type=int, default=128, help="with --study")
+    parser.add_argument("--val-per-family", type=int, default=32, help="with --study")
     parser.add_argument("--families", default=None,
-                        help=f"comma-separated subset of: {', '.join(FAMILIES)} (default: all)")
+                        help=f"comma-separated subset of: {', '.join(FAMILIES)} (default: the demo's 7; with "
+                        "--study: STUDY_FAMILIES, easiest first)")
     parser.add_argument("--exclude", action="append", default=[],
                         help="JSONL file whose questions must not appear (repeatable), e.g. the train set")
     args = parser.parse_args(argv)
+    if args.study:
+        families = args.families.split(",") if args.families else STUDY_FAMILIES
+        train, val = generate_study_sets(seed=args.seed, train_per_family=args.train_per_family,
+                                         val_per_family=args.val_per_family, families=families)
+        for name, rows in (("study_train", train), ("study_val", val)):
+            path = Path(args.out) / f"{name}.jsonl"
+            write_jsonl(rows, path)
+            counts = Counter(row["family"] for row in rows)
+            print(f"wrote {len(rows)} rows to {path}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+        return
+    if args.n is None:
+        parser.error("--n is required (or --study)")
     excluded = [json.loads(line)["question"] for path in args.exclude
                 for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip()]
     families = args.families.split(",") if args.families else None

@@ -27,6 +27,7 @@ from gainrl_pl.schedules import (
     PassRatePrioritySampler,
     UniformSampler,
 )
+from gainrl_pl.selective_schedules import GRESOSampler, MoPPSSampler
 
 # ----------------------------------------------------------------------------------------------- pure math
 
@@ -295,13 +296,15 @@ SAMPLERS: dict[str, type[RoundSampler]] = {
     "uniform": UniformSampler,
     "adarft": AdaRFTSampler,
     "pass_rate_priority": PassRatePrioritySampler,
+    "greso": GRESOSampler,  # skips prompts whose recent groups had zero reward variance (gainrl_pl.selective_schedules)
+    "mopps": MoPPSSampler,  # Beta posterior per prompt, Thompson sampling toward a target pass rate
 }
 SAMPLER_NAMES = tuple(SAMPLERS)
 
 
 def build_sampler(name: str, **kwargs: Any) -> RoundSampler:
     """The sampler for a schedule name (`angle`, `length`, `accuracy_curriculum`, `uniform`, `adarft`,
-    `pass_rate_priority`), built from keyword arguments of its class.
+    `pass_rate_priority`, `greso`, `mopps`), built from keyword arguments of its class.
 
     The three Gaussian schedules differ only in the ranking installed with `set_ranking`.
     """
@@ -318,6 +321,6 @@ def build_sampler(name: str, **kwargs: Any) -> RoundSampler:
 
 __all__ = [
     "PASS_RATE_ESTIMATORS", "PASS_RATE_WEIGHTINGS", "SAMPLERS", "SAMPLER_NAMES", "AdaRFTSampler",
-    "GaussianRankSampler", "MeanUpdate", "PassRatePrioritySampler", "RoundSampler", "UniformSampler",
+    "GRESOSampler", "GaussianRankSampler", "MeanUpdate", "MoPPSSampler", "PassRatePrioritySampler", "RoundSampler", "UniformSampler",
     "build_sampler", "gaussian_rank_probabilities", "ranking_from_values", "resolve_rank_quantity", "update_mean",
 ]

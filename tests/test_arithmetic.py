@@ -8,7 +8,7 @@ from collections import Counter
 
 import pytest
 
-from gainrl_pl.arithmetic import FAMILIES, generate_arithmetic, main
+from gainrl_pl.arithmetic import FAMILIES, STUDY_FAMILIES, generate_arithmetic, generate_study_sets, main
 from gainrl_pl.data import REPO_ROOT, build_examples, load_rows
 
 DATA = REPO_ROOT / "data" / "arithmetic"
@@ -76,3 +76,72 @@ def test_command_line_writes_the_same_rows(tmp_path, capsys):
     assert "wrote 128 rows" in capsys.readouterr().out
     main(["--n", "5", "--seed", "0", "--out", str(out), "--families", "sub_2d,mul_1d"])
     assert {json.loads(line)["family"] for line in out.read_text().splitlines()} <= {"sub_2d", "mul_1d"}
+
+
+# ----------------------------------------------------------------------------------------- the study sets (issue 18)
+
+
+def recompute_any(row: dict) -> int:
+    """The answer from the question text alone, for every family the generator has."""
+    numbers = list(map(int, re.findall(r"\d+", row["question"])))
+    family = row["family"]
+    if family in ("mul_1d", "word_boxes", "mul_10"):
+        a, b = numbers
+        return a * b
+    if family == "sub_2d":
+        a, b = numbers
+        return a - b
+    if family == "succ":
+        return numbers[0] + 1
+    if family == "word_has":
+        return numbers[0]
+    return sum(numbers)  # the additions, add_zero included
+
+
+def test_every_family_renders_correct_answers():
+    for name in FAMILIES:
+        rows = generate_arithmetic(40, seed=5, families=[name])
+        assert len({r["question"] for r in rows}) == 40
+        for row in rows:
+            assert row["answer"] == str(recompute_any(row)), row
+
+
+def test_study_sets_are_balanced_disjoint_correct_and_ordered_by_level():
+    train, val = generate_study_sets(seed=0)
+    assert len(train) == 1024 and len(val) == 256
+    assert Counter(r["family"] for r in train) == {f: 128 for f in STUDY_FAMILIES}
+    assert Counter(r["family"] for r in val) == {f: 32 for f in STUDY_FAMILIES}
+    assert not {r["question"] for r in train} & {r["question"] for r in val}
+    assert len({r["question"] for r in train}) == 1024 and len({r["question"] for r in val}) == 256
+    for row in train + val:
+        assert row["answer"] == str(recompute_any(row)), row
+        assert row["level"] == STUDY_FAMILIES.index(row["family"]) + 1
+    # shuffled: not grouped by family
+    assert len({r["family"] for r in train[:16]}) > 3
+
+
+def test_study_sets_are_seeded():
+    assert generate_study_sets(seed=3, train_per_family=10, val_per_family=4) == \
+        generate_study_sets(seed=3, train_per_family=10, val_per_family=4)
+    assert generate_study_sets(seed=3, train_per_family=10, val_per_family=4) != \
+        generate_study_sets(seed=4, train_per_family=10, val_per_family=4)
+    # a family's rows do not depend on which other families are in the set
+    alone, _ = generate_study_sets(seed=3, train_per_family=10, val_per_family=4, families=["sub_2d"])
+    both, _ = generate_study_sets(seed=3, train_per_family=10, val_per_family=4, families=["add_1d", "sub_2d"])
+    assert {r["question"] for r in alone} == {r["question"] for r in both if r["family"] == "sub_2d"}
+
+
+def test_study_sets_refuse_what_a_family_cannot_give():
+    with pytest.raises(ValueError, match="mul_1d has only 192"):
+        generate_study_sets(seed=0, train_per_family=180, val_per_family=20, families=["mul_1d"])
+    with pytest.raises(ValueError, match="unknown"):
+        generate_study_sets(seed=0, families=["nope"])
+
+
+def test_shipped_study_files_regenerate_byte_identically(tmp_path, capsys):
+    main(["--study", "--seed", "0", "--out", str(tmp_path)])
+    for name in ("study_train.jsonl", "study_val.jsonl"):
+        assert (tmp_path / name).read_bytes() == (DATA / name).read_bytes()
+    assert "wrote 1024 rows" in capsys.readouterr().out
+    examples, report = build_examples(load_rows(str(DATA / "study_val.jsonl")), "arithmetic")
+    assert len(examples) == 256 and report.skipped == {}

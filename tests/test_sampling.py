@@ -443,7 +443,8 @@ def test_pass_rate_draws_follow_the_weights():
 
 
 def test_factory_names_and_errors():
-    assert set(SAMPLER_NAMES) == {"angle", "length", "accuracy_curriculum", "uniform", "adarft", "pass_rate_priority"}
+    assert set(SAMPLER_NAMES) == {"angle", "length", "accuracy_curriculum", "uniform", "adarft", "pass_rate_priority",
+                                  "greso", "mopps"}
     common = dict(num_prompts=10, subset_size=4, batch_size=2, seed=1, num_replicas=1, rank=0)
     for name in ("angle", "length", "accuracy_curriculum"):
         assert isinstance(build_sampler(name, sigma=0.5, **common), GaussianRankSampler)

@@ -1,0 +1,119 @@
+"""The schedule study's harness (experiments/study.py, run_ab.py): a pilot end to end as a user runs it, with a
+tiny model swapped in; fp32 validation around bf16 training; the resumable, seed-major run order."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+STUDY = REPO / "experiments" / "study.py"
+sys.path.insert(0, str(REPO / "experiments"))
+
+import run_ab  # noqa: E402
+import study  # noqa: E402
+
+
+def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsys):
+    """`study.py pilot` (the README command) with the tiny model: baseline once, three arms (GRESO and MoPPS
+    through `data.schedule.name`), per-prompt validation saved, the report and the power analysis printed;
+    a rerun skips every finished run."""
+    out, logs = tmp_path / "pilot", tmp_path / "runs"
+    overrides = ["--model.model_name_or_path", str(tiny_model_dir), "--model.dtype", "bfloat16",
+                 "--model.max_completion_length", "4", "--model.val_max_completion_length", "4",
+                 "--data.train_limit", "64", "--scheduler.use_cache", "false"]
+    cmd = [sys.executable, str(STUDY), "pilot", "--arms", "uniform", "greso", "mopps", "--seeds", "0", "--steps", "2",
+           "--val-limit", "6", "--out-dir", str(out), "--run-root", str(logs), "--", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert baseline["num_val_prompts"] == 6 and len(baseline["per_prompt"]) == 6 and baseline["step"] == 0
+    assert "fp32" in baseline["val_decoding"]
+    runs = {arm: json.loads((out / f"{arm}_seed0.json").read_text()) for arm in ("uniform", "greso", "mopps")}
+    for arm, r in runs.items():
+        assert r["global_step"] == 2 and [v["step"] for v in r["val"]] == [2]
+        assert len(r["val"][0]["per_prompt"]) == 6 and r["val_digest"] == baseline["val_digest"]
+        assert [t["generated_groups"] for t in r["train"]] == [4, 4]
+        assert any("--data.schedule.name" in a for a in r["cli_args"]) and arm in r["cli_args"]
+    assert {"p_easy", "p_hard", "skipped_easy"} <= set(runs["greso"]["schedule_history"][0])
+    assert {"mean_posterior_rate", "seen_fraction"} <= set(runs["mopps"]["schedule_history"][0])
+    # GRESO with nothing seen twice draws uniform's prompts (the plan says so; here it is measured)
+    assert runs["greso"]["train"][0]["indices"] == runs["uniform"]["train"][0]["indices"]
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert [a["arm"] for a in summary["arms"]] == ["uniform", "greso", "mopps"]
+    assert {"difference", "low", "high"} <= set(summary["arms"][2]["final_accuracy"])
+    assert (out / "val_accuracy.png").stat().st_size > 0 and (out / "differences.png").stat().st_size > 0
+    assert "Power of the planned design" in proc.stdout and "only 1 seed per arm" in proc.stdout
+    assert "Estimated study" in proc.stdout
+
+    # a rerun launches nothing for finished runs (in-process: no subprocess would start)
+    study.run(study.planned_specs(["uniform", "greso", "mopps"], [0]), "power", out, overrides, logs)
+    assert capsys.readouterr().out.count("done already, skipped") == 3
+
+
+def test_fp32_validation_casts_and_restores_exactly(tiny_model_dir):
+    """Around validation every bf16 tensor is fp32; afterwards dtypes and values are exactly as before, and the
+    Parameter objects (which the optimizer holds) are the same objects."""
+    from gainrl_pl.model_setup import LoraSettings, build_policy
+
+    policy = build_policy(str(tiny_model_dir), dtype="bfloat16", lora=LoraSettings(r=4, alpha=8))
+    before = {n: (p, p.dtype, p.detach().clone()) for n, p in policy.named_parameters()}
+    assert {d for _, d, _ in before.values()} == {torch.bfloat16, torch.float32}  # base bf16, LoRA fp32 (peft)
+    (fp32,), _ = run_ab.make_callbacks(True)
+
+    class Module:
+        pass
+
+    module = Module()
+    module.policy = policy
+    fp32.on_validation_start(None, module)
+    assert all(p.dtype == torch.float32 for p in policy.parameters())
+    fp32.on_validation_end(None, module)
+    for name, p in policy.named_parameters():
+        obj, dtype, value = before[name]
+        assert p is obj and p.dtype == dtype and torch.equal(p, value)
+
+
+def test_validation_precision_prefers_a_module_option():
+    class WithOption:
+        def __init__(self, val_dtype: str = "bfloat16") -> None: ...
+
+    class Without:
+        def __init__(self, dtype: str = "bfloat16") -> None: ...
+
+    assert run_ab.validation_precision_args(WithOption) == (["--model.val_dtype", "float32"],
+                                                            "fp32 greedy via model.val_dtype")
+    args, how = run_ab.validation_precision_args(Without)
+    assert args == [] and "FP32Validation" in how
+
+
+def test_mopps_arm_gets_the_runs_group_size():
+    cfg = run_ab.configure_arm(run_ab.power_config(Path("/tmp/x")), "mopps")
+    assert cfg["data"]["schedule"]["extra"]["rollouts_per_prompt"] == cfg["model"]["num_generations"] == 4
+    assert "extra" not in run_ab.configure_arm(run_ab.power_config(Path("/tmp/x")), "uniform")["data"]["schedule"]
+
+
+def test_run_order_is_seed_major_and_specs_parse():
+    assert study.planned_specs(["a", "b"], [0, 1]) == [("a", 0), ("b", 0), ("a", 1), ("b", 1)]
+    assert study.parse_specs(["gainrl:3"]) == [("gainrl", 3)]
+    with pytest.raises(SystemExit, match="arm:seed"):
+        study.parse_specs(["gainrl"])
+    assert set(study.PLANNED_ARMS) <= set(run_ab.ARMS)
+
+
+def test_wall_time_estimate_from_unit_costs():
+    model = {"train_step_s": {"uniform": 10.0}, "groups_per_step": {"uniform": 4.0}, "val_s_per_prompt": 0.5,
+             "baseline_s_per_prompt": 0.5, "per_run_overhead_s": 60.0}
+    est = study.estimate_study_hours(model, arms=["uniform", "uniform_filter"], seeds=2, steps=30, validations=5,
+                                     val_prompts=256)
+    assert est["per_run_s"]["uniform"] == 29 * 10 + 5 * 256 * 0.5 + 60  # the overhead holds step 1
+    assert est["per_run_s"]["uniform_filter"] == pytest.approx(29 * 10 * 2.1 + 5 * 256 * 0.5 + 60)
+    assert est["total_hours"] == pytest.approx((2 * (est["per_run_s"]["uniform"] + est["per_run_s"]["uniform_filter"])
+                                                + 128) / 3600)
