@@ -31,6 +31,12 @@ def quiet_library_noise() -> None:
     # Lightning advertises its cloud services (litlogger, litmodels) at every start (its rank-zero info logger).
     for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
         logging.getLogger(name).addFilter(_DropMessages("💡 Tip: For seamless cloud"))
+    # With bf16-mixed the weights are fp32, so the model summary's fallback to 32 bits is the right size.
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+    # The frozen reference model (beta > 0 without LoRA) is in eval mode on purpose; GRPOModule puts the policy
+    # in train mode at fit start (HF loads models in eval mode, which would silently switch off dropout and
+    # gradient checkpointing), so the eval-mode modules Lightning counts are the reference copy's.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
     # lightning 2.6 calls an API that torch 2.13 deprecates, once per logged batch; nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
