@@ -192,6 +192,19 @@ def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (run_dir / "runs/demo/csv").iterdir()) == ["version_0"]
 
 
+def test_cli_validate_last_evaluates_the_newest_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    from gainrl_pl.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GAINRL_PL_CACHE", str(tmp_path / "cache"))
+    tiny = ["--config", str(DEMO), "--model.model_name_or_path", str(tiny_model_dir), *TINY_DEMO[:-1]]
+    main(["fit", *tiny, "--trainer.max_steps", "1"])
+    capsys.readouterr()
+    main(["validate", *tiny, "--ckpt_path", "last"])
+    out = capsys.readouterr()
+    assert "runs/demo/csv/version_0/checkpoints/last.ckpt" in out.out + out.err  # Lightning names what it loaded
+
+
 def test_cli_resume_with_nothing_to_resume_says_where_it_looked(tiny_model_dir, tmp_path, monkeypatch, capsys):
     from gainrl_pl.cli import main
 
