@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cli_probe import console_problems
 
 HERE = Path(__file__).parent
 
@@ -109,10 +110,10 @@ def start_fit(cwd: Path, model: Path, *args: str, record: str = "record.jsonl") 
 
 
 def finish(proc: subprocess.Popen) -> str:
-    """Wait for a run; its stdout (the test fails with its stderr if it failed)."""
+    """Wait for a run; its console, stdout then stderr (the test fails with its stderr if it failed)."""
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err[-4000:]
-    return out
+    return out + err
 
 
 def gainrl_pl(cwd: Path, model: Path, *args: str, record: str = "record.jsonl") -> str:
@@ -168,6 +169,7 @@ def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path):
     resumed = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5", "--ckpt_path", "last",
                         record="resumed.jsonl")
     assert "resuming from runs/demo/csv/version_0/checkpoints/last.ckpt" in resumed
+    assert console_problems(resumed) == [], resumed  # e.g. no "checkpoint directory is not empty" on purpose
     assert sorted(records(run_dir / "resumed.jsonl")) == [3, 4, 5]  # the next step of THAT run, not step 1
     assert_same_steps(straight, records(run_dir / "resumed.jsonl"), [3, 4, 5])
     # the logs continue in the same version directories: no version_1, no lost or repeated rows
