@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 TOOLS = {
     "angles": "gainrl_pl.angles_cli",
@@ -70,9 +71,13 @@ def run_lightning_cli(argv: list[str], run: bool = True):
             config["ckpt_path"] = path
             if path is None:
                 if requested == resume.LAST_OR_FRESH:
-                    print("[gainrl] --ckpt_path last_or_fresh: no checkpoint of this config yet; starting a new run")
+                    then = "starting a new run" if self.subcommand == "fit" else "using the model as configured"
+                    print(f"[gainrl] --ckpt_path last_or_fresh: no checkpoint of this config yet; {then}")
                 return
-            if self.subcommand == "fit" and "://" not in path:
+            if self.subcommand != "fit":
+                # validate/test write no checkpoints: where the callback would put them does not matter
+                warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            elif "://" not in path:
                 quiet_resume_warnings()
                 plan = resume.plan_resume(self.trainer, path)
                 resume.apply_resume(self.trainer, plan)

@@ -194,17 +194,15 @@ def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path):
     assert sorted(p.name for p in (run_dir / "runs/demo/csv").iterdir()) == ["version_0"]
 
 
-def test_cli_validate_last_evaluates_the_newest_checkpoint(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    from gainrl_pl.cli import main
+def test_cli_validate_last_evaluates_the_newest_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
+    from gainrl_pl.cli import run_lightning_cli
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("GAINRL_PL_CACHE", str(tmp_path / "cache"))
     tiny = ["--config", str(DEMO), "--model.model_name_or_path", str(tiny_model_dir), *TINY_DEMO[:-1]]
-    main(["fit", *tiny, "--trainer.max_steps", "1"])
-    capsys.readouterr()
-    main(["validate", *tiny, "--ckpt_path", "last"])
-    out = capsys.readouterr()
-    assert "runs/demo/csv/version_0/checkpoints/last.ckpt" in out.out + out.err  # Lightning names what it loaded
+    run_lightning_cli(["fit", *tiny, "--trainer.max_steps", "1"])
+    cli = run_lightning_cli(["validate", *tiny, "--ckpt_path", "last"])
+    assert cli.trainer.ckpt_path == "runs/demo/csv/version_0/checkpoints/last.ckpt"
 
 
 def test_cli_resume_with_nothing_to_resume_says_where_it_looked(tiny_model_dir, tmp_path, monkeypatch, capsys):
@@ -231,3 +229,75 @@ def test_cli_resume_from_a_missing_file_is_an_error(tiny_model_dir, tmp_path, mo
               "--ckpt_path", "nope/last.ckpt"])
     assert exit_info.value.code == 2
     assert "no such checkpoint file" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------------------------- where `last` looks
+def _trainer(root: Path, **kwargs):
+    import lightning.pytorch as pl
+    from gainrl_pl.callbacks import GainRLCheckpoint
+
+    return pl.Trainer(default_root_dir=root, enable_progress_bar=False, enable_model_summary=False,
+                      callbacks=[GainRLCheckpoint(**kwargs.pop("checkpoint", {}))], **kwargs)
+
+
+def _touch(path: Path, mtime: float) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"global_step": 1}, path)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_last_means_the_newest_last_ckpt_of_this_configs_runs(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from gainrl_pl.resume import checkpoint_search_places, find_last_checkpoint
+
+    loggers = [CSVLogger(tmp_path / "logs", name="csv"), TensorBoardLogger(tmp_path / "logs", name="tb")]
+    trainer = _trainer(tmp_path, logger=loggers)
+    assert checkpoint_search_places(trainer) == [str(tmp_path.resolve() / "logs/csv/*/checkpoints/last.ckpt")]
+    assert find_last_checkpoint(trainer) is None
+    v0 = _touch(tmp_path / "logs/csv/version_0/checkpoints/last.ckpt", 1_000)
+    v1 = _touch(tmp_path / "logs/csv/version_1/checkpoints/last.ckpt", 2_000)
+    _touch(tmp_path / "logs/tb/version_7/checkpoints/last.ckpt", 3_000)  # not where this config checkpoints
+    assert find_last_checkpoint(trainer) == v1
+    os.utime(v0, (4_000, 4_000))  # the most recently written wins, whatever its version number
+    assert find_last_checkpoint(trainer) == v0
+    fixed = _trainer(tmp_path, logger=loggers, checkpoint={"dirpath": str(tmp_path / "ckpt")})
+    assert checkpoint_search_places(fixed) == [str(tmp_path.resolve() / "ckpt/last.ckpt")]
+    assert find_last_checkpoint(fixed) is None
+    unlogged = _trainer(tmp_path, logger=False)
+    assert find_last_checkpoint(unlogged) is None
+    assert find_last_checkpoint(unlogged) is None and checkpoint_search_places(unlogged) == [
+        str(tmp_path.resolve() / "checkpoints/last.ckpt")]
+
+
+def test_resume_plan_continues_only_this_configs_logs(tmp_path):
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    from gainrl_pl.resume import RUN_RECORD_KEY, plan_resume
+
+    def checkpoint(name: str, record: list[dict] | None) -> str:
+        path = tmp_path / name
+        torch.save({"global_step": 3, **({RUN_RECORD_KEY: {"loggers": record}} if record else {})}, path)
+        return str(path)
+
+    def fresh():
+        return _trainer(tmp_path, logger=[CSVLogger(tmp_path / "logs", name="csv"),
+                                          TensorBoardLogger(tmp_path / "logs", name="tb")])
+
+    ours = [{"type": "CSVLogger", "version": 3, "log_dir": os.path.realpath(tmp_path / "logs/csv/version_3")},
+            {"type": "TensorBoardLogger", "version": 5, "log_dir": os.path.realpath(tmp_path / "logs/tb/version_5")}]
+    plan = plan_resume(fresh(), checkpoint("ours.ckpt", ours))
+    assert plan.versions == {0: 3, 1: 5} and plan.notes == ()
+    elsewhere = [{**r, "log_dir": "/somewhere/else/version_3"} for r in ours]
+    plan = plan_resume(fresh(), checkpoint("theirs.ckpt", elsewhere))
+    assert plan.versions == {} and len(plan.notes) == 2 and "new version" in plan.notes[0]
+    # an older checkpoint without the record: its place in the version layout decides
+    (tmp_path / "logs/tb/version_2").mkdir(parents=True)
+    old = tmp_path / "logs/csv/version_2/checkpoints"
+    old.mkdir(parents=True)
+    torch.save({"global_step": 3}, old / "last.ckpt")
+    assert plan_resume(fresh(), str(old / "last.ckpt")).versions == {0: 2, 1: 2}
+    with pytest.raises(ValueError, match="cannot be read as a Lightning checkpoint"):
+        (tmp_path / "junk.ckpt").write_text("not a checkpoint")
+        plan_resume(fresh(), str(tmp_path / "junk.ckpt"))
