@@ -38,6 +38,9 @@ def test_shipped_config_trains_one_step_on_cpu(config, tiny_model_dir, tmp_path,
     assert dm.val_set is None or len(dm.val_set) == 2
     last = list(tmp_path.glob("**/checkpoints/last.ckpt")) + list(tmp_path.glob("**/last.ckpt"))
     assert last, "no checkpoint written"
+    if dm.val_set is not None:  # the validation path too (outside autocast, on the shipped evaluation file)
+        metrics = trainer.validate(model, datamodule=dm, verbose=False)[0]
+        assert "val/accuracy" in metrics and metrics["val/mean_completion_length"] > 0
 
 
 def test_no_shipped_config_or_user_document_names_the_development_folder():
