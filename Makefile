@@ -23,9 +23,9 @@ install: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/gainrl-pl fit --config configs/demo.yaml
 
-## Score GSM8K train with angle concentration and print the ranking summary.
+## Score GSM8K train (hub id, downloaded once) with angle concentration and print the ranking summary.
 angles: install
-	$(VENV)/bin/gainrl-pl angles --data ../shared/data/gsm8k/train.jsonl --preset gsm8k --output runs/angles/gsm8k_train.jsonl
+	$(VENV)/bin/gainrl-pl angles --data openai/gsm8k:main:train --preset gsm8k --output runs/angles/gsm8k_train.jsonl
 
 ## The whole CPU suite (fast + slow + ddp); GPU tests are skipped without CUDA.
 test: install

@@ -44,7 +44,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO.parent / "shared" / "data" / "gsm8k" / "train.jsonl"
+# GSM8K train from the hub (the rows every recorded figure used); offline: --data data/eval/gsm8k_test.jsonl
+DEFAULT_DATA = "openai/gsm8k:main:train"
 METHODS = ("reference", "ours", "limit")
 
 
@@ -387,7 +388,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--w-intra", type=float, default=1.0)
     p.add_argument("--w-inter", type=float, default=1.0)
     p.add_argument("--threads", type=int, default=2, help="torch threads (the shared CPU has 2 cores)")
-    p.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K train.jsonl")
+    p.add_argument("--data", default=str(DEFAULT_DATA), help="GSM8K rows: a hub id or a local JSONL file")
     p.add_argument("--parts", default="timing,memory,scaling",
                    help="comma list of: timing (GSM8K throughput + score check), memory, scaling")
     p.add_argument("--lengths", default="128,256,512,1024", help="total prompt lengths for the scaling part")

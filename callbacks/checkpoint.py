@@ -11,10 +11,14 @@ import shutil
 import signal
 import tempfile
 import threading
+import warnings
 from pathlib import Path
+from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+
+from gainrl_pl.resume import RUN_RECORD_KEY, logger_record
 
 
 def hf_dir_for(checkpoint_path: str | Path) -> Path:
@@ -31,18 +35,28 @@ class GainRLCheckpoint(ModelCheckpoint):
         save_hf: Write `<checkpoint>.hf/` (peft adapter or full model + tokenizer) beside each checkpoint.
         every_n_train_steps: Save every N optimizer steps.
         save_top_k: How many step checkpoints to keep (the newest); -1 keeps all.
+        dirpath: Directory for the checkpoints; `null` = `<logger save_dir>/<name>/<version>/checkpoints` of the
+            run (Lightning's default), where `--ckpt_path last` finds them.
+        enable_version_counter: Add `-v1`, `-v2` to a name that exists instead of replacing the file; off, so
+            `last.ckpt` is always the newest.
         (other arguments: see lightning's ModelCheckpoint)
     """
 
     def __init__(self, *args, save_hf: bool = True, every_n_train_steps: int | None = 50, save_top_k: int = 2,
                  save_last: bool | None = True, monitor: str | None = "step", mode: str = "max",
-                 filename: str | None = "step{step:06d}", auto_insert_metric_name: bool = False, **kwargs) -> None:
+                 filename: str | None = "step{step:06d}", auto_insert_metric_name: bool = False,
+                 enable_version_counter: bool = False, **kwargs) -> None:
         super().__init__(*args, every_n_train_steps=every_n_train_steps, save_top_k=save_top_k, save_last=save_last,
                          monitor=monitor, mode=mode, filename=filename, auto_insert_metric_name=auto_insert_metric_name,
-                         **kwargs)
+                         enable_version_counter=enable_version_counter, **kwargs)
         self.save_hf = save_hf
         self._sigterm_received = False  # this rank's; acted on only once every rank agrees (on_train_batch_end)
         self._user_sigterm_handler = None
+
+    def _save_last(self, trainer: pl.Trainer) -> None:
+        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        self.last_model_path = path  # recorded in the checkpoint: a resumed run then replaces this file
+        self._save_checkpoint(trainer, path)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -62,11 +76,27 @@ class GainRLCheckpoint(ModelCheckpoint):
         if trainer.is_global_zero:
             shutil.rmtree(hf_dir_for(filepath), ignore_errors=True)
 
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        # which logger versions this run writes to: `--ckpt_path` continues them (gainrl_pl.resume)
+        checkpoint[RUN_RECORD_KEY] = {"loggers": logger_record(trainer)}
+
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
+        with warnings.catch_warnings():
+            # With manual optimization Lightning warns that a batch-end checkpoint holds the weights after the
+            # optimizer step, with a code sample for saving the state before it. After the step is what a
+            # resume needs (the next step starts from it), so the warning asks for the wrong thing here.
+            warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization",
+                                    category=UserWarning)
+            super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Lightning raises SIGTERMException right after this hook; save first so the run can resume.
-        if self._sigterm_agreed(trainer) and self.dirpath is not None:
-            self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+        if self._sigterm_agreed(trainer) and self.dirpath is not None:  # a collective: every rank, every batch
+            self._save_last(trainer)
+        # The final step is saved here, at its batch end like every other: saved in on_train_end, the checkpoint
+        # would count the unfinished round as a finished epoch, and a run resumed from it would run one epoch
+        # ahead of an uninterrupted one (validating after other steps).
+        elif (self.dirpath is not None and 0 < trainer.max_steps <= trainer.global_step
+              and self._last_global_step_saved != trainer.global_step):
+            self._save_last(trainer)
 
     # ----------------------------------------------------------------- SIGTERM under DDP
     # A checkpoint save is collective (the RNG states are gathered, Lightning's barrier follows), so every rank
@@ -107,7 +137,7 @@ class GainRLCheckpoint(ModelCheckpoint):
     def on_train_end(self, trainer, pl_module) -> None:
         # ModelCheckpoint saves only on its schedule: make sure the final weights are kept too
         if self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
-            self._save_checkpoint(trainer, os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}"))
+            self._save_last(trainer)
         if trainer.is_global_zero and self.dirpath is not None:
             last = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             print(f"[gainrl] checkpoint: {last}")

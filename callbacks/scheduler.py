@@ -152,7 +152,9 @@ class GainRLScheduler(pl.Callback):
         self.history.append(entry)
         for key, value in entry.items():
             if isinstance(value, float) and key not in ("round", "step"):
-                pl_module.log(f"gainrl/{key}", value, on_step=False, on_epoch=True, prog_bar=key == "mu")
+                # one value per round: batch_size=1 (else Lightning guesses one from the batch, with a warning)
+                pl_module.log(f"gainrl/{key}", value, on_step=False, on_epoch=True, prog_bar=key == "mu",
+                              batch_size=1)
         k = self.rescore_every_n_rounds
         if k and len(self.history) % k == 0 and dm.schedule.name == "angle":
             self._rank(trainer, pl_module)

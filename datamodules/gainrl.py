@@ -79,7 +79,8 @@ class GainRLDataModule(pl.LightningDataModule):
     """Training/validation prompts for GRPO, drawn by a GAIN-RL (or baseline) schedule.
 
     Args:
-        train_data: Training rows: a JSON/JSONL/Parquet/CSV file, a saved `datasets` directory, or a hub id.
+        train_data: Training rows: a JSON/JSONL/Parquet/CSV file, a saved `datasets` directory, or a Hugging Face
+            hub dataset `owner/name[:config[:split]]` (e.g. `openai/gsm8k:main:train`; needs internet once).
         val_data: Validation rows (same formats); `null` = no validation.
         test_data: Test rows for `gainrl-pl test`; `null` = use `val_data`.
         preset: Dataset preset that names the fields and parses answers (`gsm8k`, `math`, `arithmetic`, `trl` =
@@ -106,7 +107,7 @@ class GainRLDataModule(pl.LightningDataModule):
 
     def __init__(
         self,
-        train_data: str = "../shared/data/gsm8k/train.jsonl",
+        train_data: str = "openai/gsm8k:main:train",
         val_data: str | None = None,
         test_data: str | None = None,
         preset: str = "gsm8k",

@@ -1,6 +1,6 @@
 """`gainrl-pl angles`: score a dataset's prompts by angle concentration and write the ranking.
 
-    gainrl-pl angles --data ../shared/data/gsm8k/train.jsonl --preset gsm8k --output scores.jsonl
+    gainrl-pl angles --data openai/gsm8k:main:train --preset gsm8k --output scores.jsonl
 
 Writes one JSON object per kept input row (`index`, `score`, `intra`, `inter`, `rank`, `num_tokens`;
 rank 0 = highest score), prints a ranking summary, and caches scores per (model, layer, prompts, weights).

@@ -2,13 +2,19 @@
 
     gainrl-pl fit --config configs/demo.yaml           # train (every option: gainrl-pl fit --help)
     gainrl-pl fit --config configs/demo.yaml --print_config
-    gainrl-pl angles --data ../shared/data/gsm8k/train.jsonl --preset gsm8k --output scores.jsonl
+    gainrl-pl fit --config configs/demo.yaml --ckpt_path last    # continue the last run where it stopped
+    gainrl-pl angles --data openai/gsm8k:main:train --preset gsm8k --output scores.jsonl
+
+--ckpt_path: `last` = the newest last.ckpt of this config's runs (an error naming where it looked when there
+is none); `last_or_fresh` = the same, or a new run when there is none; or a checkpoint file. A resumed run
+logs into the run it continues (same version directories).
 """
 
 from __future__ import annotations
 
 import os
 import sys
+import warnings
 
 TOOLS = {
     "angles": "gainrl_pl.angles_cli",
@@ -22,6 +28,9 @@ def main(argv: list[str] | None = None) -> None:
     # Torch's OpenMP workers spin while they wait; on a CPU shared with other processes that made 2-thread
     # forwards up to 13x slower (BENCHMARKS.md section 1). Must be set before torch loads; a user's value wins.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    from gainrl_pl.console import quiet_library_noise
+
+    quiet_library_noise()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in TOOLS:
         import importlib
@@ -30,7 +39,13 @@ def main(argv: list[str] | None = None) -> None:
         return
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
-    run_lightning_cli(argv)
+    from gainrl_pl.resume import NothingToResumeError
+
+    try:
+        run_lightning_cli(argv)
+    except NothingToResumeError as err:
+        print(f"gainrl-pl: error: {err}", file=sys.stderr)
+        sys.exit(2)
 
 
 def run_lightning_cli(argv: list[str], run: bool = True):
@@ -41,11 +56,45 @@ def run_lightning_cli(argv: list[str], run: bool = True):
     # the settings dataclasses document each field in a docstring below it: show those in --help
     set_parsing_settings(docstring_parse_attribute_docstrings=True)
 
+    from gainrl_pl import resume
     from gainrl_pl.callbacks import GainRLCheckpoint, GainRLScheduler
+    from gainrl_pl.console import quiet_resume_warnings
     from gainrl_pl.datamodules import GainRLDataModule
     from gainrl_pl.module import GRPOModule
 
     class GainRLCLI(LightningCLI):
+        def _resolve_checkpoint(self) -> None:
+            """`--ckpt_path last` -> this config's newest last.ckpt; a fit continues that run's logs."""
+            config = self.config_init[self.subcommand]
+            requested = config.get("ckpt_path")
+            path = resume.resolve_ckpt_path(self.trainer, requested)
+            config["ckpt_path"] = path
+            if path is None:
+                if requested == resume.LAST_OR_FRESH:
+                    then = "starting a new run" if self.subcommand == "fit" else "using the model as configured"
+                    print(f"[gainrl] --ckpt_path last_or_fresh: no checkpoint of this config yet; {then}")
+                return
+            if self.subcommand != "fit":
+                # validate/test write no checkpoints: where the callback would put them does not matter
+                warnings.filterwarnings("ignore", message="The dirpath has changed from")
+            elif "://" not in path:
+                quiet_resume_warnings()
+                plan = resume.plan_resume(self.trainer, path)
+                resume.apply_resume(self.trainer, plan)
+                if self.trainer.is_global_zero:
+                    print(f"[gainrl] resuming from {path}")
+                    for note in plan.notes:
+                        print(f"[gainrl] {note}")
+
+        def before_fit(self) -> None:
+            self._resolve_checkpoint()
+
+        def before_validate(self) -> None:
+            self._resolve_checkpoint()
+
+        def before_test(self) -> None:
+            self._resolve_checkpoint()
+
         def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
             # The scheduler is always present (with uniform sampling it only logs), so A/B runs
             # differ in `data.schedule.name` alone.
@@ -57,7 +106,8 @@ def run_lightning_cli(argv: list[str], run: bool = True):
     return GainRLCLI(
         GRPOModule,
         GainRLDataModule,
-        args=argv,
+        # None: LightningCLI reads sys.argv itself (passing both makes it warn that args and argv disagree)
+        args=None if argv == sys.argv[1:] else argv,
         run=run,
         save_config_kwargs={"overwrite": True},
         trainer_defaults={"use_distributed_sampler": False, "max_epochs": -1, "num_sanity_val_steps": 0,

@@ -1,7 +1,8 @@
 """Rows in, validated examples out: file loading, dataset presets, answer parsing, bad-row handling.
 
-    rows = load_rows(str(resolve_data_path("../shared/data/gsm8k/train.jsonl")))
+    rows = load_rows(str(resolve_data_path("data/eval/gsm8k_test.jsonl")))
     examples, report = build_examples(rows, "gsm8k")          # DataError names any bad row
+    rows = load_rows("openai/gsm8k:main:train")               # a hub dataset (needs internet once)
 
 No Lightning here: the DataModule (`gainrl_pl.datamodules`) turns examples into prompts and samplers.
 The generated arithmetic set lives in `gainrl_pl.arithmetic`.
@@ -23,6 +24,7 @@ from gainrl_pl.data_loading import (
     int_text,
     load_rows,
     looks_like_hub_id,
+    parse_hub_source,
     resolve_data_path,
     snippet,
 )
@@ -40,8 +42,16 @@ def parse_gsm8k_answer(text: str) -> str:
     return text.rsplit("####", 1)[1].strip().replace(",", "")
 
 
+def parse_boxed_answer(text: str) -> str:
+    """A worked solution's final answer: the content of its last `\\boxed{...}` ("" when it has none)."""
+    from gainrl_pl.answer_check import extract_boxed
+
+    return extract_boxed(text) or ""
+
+
 # Answer parsers by name, so a preset stays a plain (YAML/CLI-friendly) dataclass.
-ANSWER_PARSERS = {"gsm8k": parse_gsm8k_answer, "identity": lambda text: text, "latex": str.strip}
+ANSWER_PARSERS = {"gsm8k": parse_gsm8k_answer, "identity": lambda text: text, "latex": str.strip,
+                  "boxed": parse_boxed_answer}
 
 
 @dataclass(frozen=True)
@@ -51,7 +61,8 @@ class DatasetPreset:
     Attributes:
         question_field: Column with the question (the prompt's user turn).
         answer_field: Column with the gold answer (or a worked solution the parser reduces to one).
-        answer_parser: `gsm8k` (text after `####`, commas removed), `identity`, or `latex` (stripped).
+        answer_parser: `gsm8k` (text after `####`, commas removed), `identity`, `latex` (stripped), or `boxed`
+            (the last `\\boxed{}` of a worked solution).
         extra_fields: Other columns to keep in `Example.columns` (e.g. `level`); `None` keeps them all.
         on_bad_row: What `build_examples` does with a bad row when the caller does not say: `raise` or `skip`.
     """
@@ -71,9 +82,12 @@ class DatasetPreset:
 
 DATASET_PRESETS: dict[str, DatasetPreset] = {
     "gsm8k": DatasetPreset("question", "answer", "gsm8k"),
-    # MATH as packaged in ../shared/data has 2 (train.jsonl) / 4 (train.json) problems with no final
-    # answer: they are skipped and counted in the report, so the set loads with the preset alone.
+    # MATH files with a final-answer column (MATH-500, data/eval/math500.jsonl). Some MATH packagings have a
+    # few problems with no final answer: they are skipped and counted, so a set loads with the preset alone.
     "math": DatasetPreset("problem", "answer", "latex", on_bad_row="skip"),
+    # MATH with worked solutions only (the hub's DigitalLearningGmbH/MATH-lighteval, Hendrycks' original
+    # layout): the answer is the solution's last \boxed{}. MATH-500 has both columns and reads either way.
+    "math_solution": DatasetPreset("problem", "solution", "boxed", on_bad_row="skip"),
     "aime": DatasetPreset("problem", "answer", "latex"),
     "amc": DatasetPreset("problem", "answer", "latex"),  # AMC answers are JSON numbers (142.0 -> "142")
     "arithmetic": DatasetPreset("question", "answer", "identity"),
@@ -297,5 +311,6 @@ def build_examples(rows: list, preset_or_fields: DatasetPreset | str | dict, *, 
 
 __all__ = [
     "ANSWER_PARSERS", "DATASET_PRESETS", "FORMATS", "REPO_ROOT", "BadRowReport", "DataError", "DatasetPreset",
-    "Example", "build_examples", "load_rows", "looks_like_hub_id", "parse_gsm8k_answer", "resolve_data_path",
+    "Example", "build_examples", "load_rows", "looks_like_hub_id", "parse_boxed_answer", "parse_gsm8k_answer",
+    "parse_hub_source", "resolve_data_path",
 ]

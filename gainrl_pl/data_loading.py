@@ -1,6 +1,7 @@
 """Rows in: read a dataset file (JSON, JSONL, Parquet, CSV/TSV, a `save_to_disk` directory, a hub id) as dicts.
 
     rows = load_rows(resolve_data_path("data/arithmetic/train.jsonl"))
+    rows = load_rows("openai/gsm8k:main:train")          # hub id, configuration, split (needs internet)
 
 Readers are strict: a byte that is not UTF-8, a line that is not one JSON object, or a damaged Parquet file is a
 `DataError` naming the file, the line (or byte offset) and the fix, never a silently corrupted row. Validating
@@ -17,15 +18,16 @@ import re
 from pathlib import Path
 from typing import Any
 
-# Where `data/...` and `../shared/data/...` in shipped configs are meant to be relative to.
+# Where `data/...` in shipped configs is meant to be relative to.
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 # Values for `load_rows(fmt=...)`: `hf` = a `save_to_disk` directory, `hub` = a Hugging Face hub id.
 FORMATS = ("json", "jsonl", "parquet", "csv", "tsv", "hf", "hub")
 _EXTENSIONS = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".parquet": "parquet", ".pq": "parquet",
                ".csv": "csv", ".tsv": "tsv"}
-# A hub id is `name` or `owner/name`; anything with a data-file extension or a path prefix is a path.
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+# A hub source is `name` or `owner/name`, optionally `:config` and `:split` (`openai/gsm8k:main:train`, or
+# `owner/name::train` with no configuration); anything with a data-file extension or a path prefix is a path.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?(:[\w.-]*(:.+)?)?$")
 _REENCODE_HINT = "save it as UTF-8 (e.g. `iconv -f latin1 -t utf-8 IN > OUT`, or re-export as UTF-8)"
 
 
@@ -67,16 +69,27 @@ def snippet(value: Any, limit: int = 80) -> str:
 
 # ----------------------------------------------------------------------------------------------- loading
 def looks_like_hub_id(source: str) -> bool:
-    """True if `source` could be a Hugging Face hub dataset id (`name` or `owner/name`, no file extension)."""
-    return bool(_HUB_ID.match(source)) and Path(source).suffix.lower() not in _EXTENSIONS
+    """True if `source` could be a Hugging Face hub dataset (`name` or `owner/name`, optionally `:config:split`)."""
+    return bool(_HUB_ID.match(source)) and Path(source.split(":")[0]).suffix.lower() not in _EXTENSIONS
+
+
+def parse_hub_source(source: str) -> tuple[str, str | None, str | None]:
+    """`owner/name[:config[:split]]` -> (hub id, configuration or None, split or None).
+
+    `openai/gsm8k:main:train` -> ("openai/gsm8k", "main", "train"); `owner/name::test` -> no configuration,
+    split `test`; a split may use `datasets`' slicing (`train[:1000]`).
+    """
+    name, _, rest = source.partition(":")
+    config, _, split = rest.partition(":")
+    return name, config or None, split or None
 
 
 def resolve_data_path(path: str | os.PathLike) -> str:
     """Find a data file or directory: relative paths are tried against the CWD, then the repository root.
 
-    So `data/arithmetic/train.jsonl` and `../shared/data/gsm8k/train.jsonl` in the shipped configs work
-    from any directory. A string that does not exist but looks like a hub id (`openai/gsm8k`) is returned
-    unchanged for `load_rows` to fetch. Raises FileNotFoundError naming every place tried.
+    So `data/eval/gsm8k_test.jsonl` in the shipped configs works from any directory. A string that does not
+    exist but looks like a hub dataset (`openai/gsm8k:main:train`) is returned unchanged for `load_rows` to
+    fetch. Raises FileNotFoundError naming every place tried.
     """
     text = os.fspath(path)
     candidate = Path(text).expanduser()
@@ -96,12 +109,15 @@ def load_rows(source: str, *, split: str | None = None, fmt: str | None = None,
 
     Args:
         source: A file (`.json` = one JSON array of objects, `.jsonl`, `.parquet`, `.csv`, `.tsv`), a
-            directory written by `datasets.Dataset.save_to_disk`, or a Hugging Face hub id such as
-            `openai/gsm8k`. A hub id is used only when `source` is not an existing path, and fetching it
-            needs internet access (nothing else here touches the network).
+            directory written by `datasets.Dataset.save_to_disk`, or a Hugging Face hub dataset
+            `owner/name[:config[:split]]` such as `openai/gsm8k:main:train` (`parse_hub_source`). A hub id is
+            used only when `source` is not an existing path, and fetching it needs internet access (nothing
+            else here touches the network); `datasets` caches it (`HF_DATASETS_CACHE`).
         split: Which split of a `DatasetDict` (saved directory or hub id); may be left out when there is one.
+            For a hub source, the split in `source` if it names one.
         fmt: Force a format (one of `FORMATS`) instead of guessing from the extension.
-        config_name: The hub dataset's configuration (e.g. `main` for `openai/gsm8k`).
+        config_name: The hub dataset's configuration (e.g. `main` for `openai/gsm8k`); the one in `source` if
+            it names one.
 
     Raises:
         FileNotFoundError: the path does not exist (named in the message).
@@ -123,7 +139,11 @@ def load_rows(source: str, *, split: str | None = None, fmt: str | None = None,
     if fmt not in FORMATS:
         raise DataError(f"fmt={fmt!r} is unknown; allowed: {', '.join(FORMATS)}")
     if fmt == "hub":
-        return _load_hub(source, split, config_name)
+        name, config_in_source, split_in_source = parse_hub_source(source)
+        for what, given, named in (("config_name", config_name, config_in_source), ("split", split, split_in_source)):
+            if given is not None and named is not None and given != named:
+                raise DataError(f"{source!r} names {what} {named!r} but {what}={given!r} was passed; give it once")
+        return _load_hub(name, split or split_in_source, config_name or config_in_source)
     if not path.exists():
         raise FileNotFoundError(f"data file {source!r} not found (absolute: {path.resolve()})")
     if fmt == "hf":

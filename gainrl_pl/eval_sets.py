@@ -1,4 +1,4 @@
-"""Evaluation sets: the paper's benchmarks as presets over `../shared/data/`, or any question/answer file.
+"""Evaluation sets: the paper's benchmarks as presets over the files in `data/eval/`, or any question/answer file.
 
     examples, source = load_benchmark("gsm8k", limit=200)          # the first 200 GSM8K test problems
     examples, source = load_benchmark(None, data="my.jsonl", question_field="q", answer_field="a")
@@ -26,13 +26,14 @@ class Benchmark:
     """One line for `--help` and the docs."""
 
 
+# The files ship with the repository (data/eval/README.md: sources, licenses, checksums).
 BENCHMARKS: dict[str, Benchmark] = {
-    "gsm8k": Benchmark("../shared/data/gsm8k/test.jsonl", "gsm8k", "GSM8K test, 1319 grade-school problems"),
-    "math500": Benchmark("../shared/data/math/test.jsonl", "math", "MATH-500 (prm800k split), 500 problems"),
+    "gsm8k": Benchmark("data/eval/gsm8k_test.jsonl", "gsm8k", "GSM8K test, 1319 grade-school problems"),
+    "math500": Benchmark("data/eval/math500.jsonl", "math", "MATH-500 (prm800k split), 500 problems"),
     # The GAIN-RL authors' amc_eval.json: 83 problems, AMC 2022 (43) and AMC 2023 (40); the paper's
     # "AMC23" column is computed on this file, so the preset keeps all of it.
-    "amc23": Benchmark("../shared/data/eval/amc.json", "amc", "AMC 2022+2023 as in the paper's repo, 83 problems"),
-    "aime24": Benchmark("../shared/data/eval/aime24.json", "aime", "AIME 2024, 30 problems"),
+    "amc23": Benchmark("data/eval/amc.json", "amc", "AMC 2022+2023 as in the paper's repo, 83 problems"),
+    "aime24": Benchmark("data/eval/aime24.json", "aime", "AIME 2024, 30 problems"),
     "arithmetic": Benchmark("data/arithmetic/val.jsonl", "arithmetic", "generated arithmetic validation set, 128"),
 }
 

@@ -66,8 +66,8 @@ def disable_bnb_cpu_repacking(model: torch.nn.Module) -> int:
     """Keep bitsandbytes 4-bit layers differentiable on CPUs with AVX512-BF16.
 
     bitsandbytes repacks a `Linear4bit` weight in place into a CPU inference layout on the first eval-mode
-    no-grad forward; after that its matmul has no autograd and LoRA gradients silently vanish (see
-    ../shared/notes/environment.md). The flag is private, hence the pinned bitsandbytes range and a test.
+    no-grad forward; after that its matmul has no autograd and LoRA gradients silently vanish (8 of 12 LoRA
+    tensors got no gradient in a probe). The flag is private, hence the pinned bitsandbytes range and a test.
     """
     try:
         from bitsandbytes.nn import Linear4bit

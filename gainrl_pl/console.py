@@ -1,0 +1,51 @@
+"""What `gainrl-pl` prints: messages from libraries that a user can do nothing about are filtered here.
+
+Each filter matches one message precisely and says why it is safe to hide. Everything else (our own
+warnings, Lightning's and transformers' warnings about the user's settings) still reaches the console.
+Called by the CLI before the libraries load; `tests/test_console.py` runs the demo config and checks what
+remains.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+
+class _DropMessages(logging.Filter):
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_library_noise() -> None:
+    """Install the filters (idempotent enough: a second call adds duplicate filters, which is harmless)."""
+    # bitsandbytes on CPUs with AVX512-BF16 tries to load a faster 4-bit kernel from the `kernels` package and
+    # logs a warning when it is missing. We switch that CPU inference path off for trainable 4-bit layers
+    # (model_setup.disable_bnb_cpu_repacking), and `kernels` would download code from a model hub.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(
+        _DropMessages("Failed to load CPU gemm_4bit_forward from kernels-community"))
+    # Lightning advertises its cloud services (litlogger, litmodels) at every start (its rank-zero info logger).
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logging.getLogger(name).addFilter(_DropMessages("💡 Tip: For seamless cloud"))
+    # With bf16-mixed the weights are fp32, so the model summary's fallback to 32 bits is the right size.
+    warnings.filterwarnings("ignore", message="Precision bf16-mixed is not supported by the model summary")
+    # The frozen reference model (beta > 0 without LoRA) is in eval mode on purpose; GRPOModule puts the policy
+    # in train mode at fit start (HF loads models in eval mode, which would silently switch off dropout and
+    # gradient checkpointing), so the eval-mode modules Lightning counts are the reference copy's.
+    warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # lightning 2.6 calls an API that torch 2.13 deprecates, once per logged batch; nothing a user can change.
+    warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
+                            category=FutureWarning)
+
+
+def quiet_resume_warnings() -> None:
+    """Warnings that a resumed run (`--ckpt_path`) triggers although it is doing the right thing."""
+    # A resumed run writes its checkpoints into its own, non-empty checkpoint folder on purpose.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Lightning cannot see that the train loader resumes mid-round: GainRLDataModule saves and restores the
+    # sampler's position, round and RNG in the checkpoint (tests/test_resume.py checks the drawn prompts).
+    warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
