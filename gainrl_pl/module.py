@@ -199,7 +199,9 @@ class GRPOModule(pl.LightningModule):
         self.hparams["lora"] = asdict(lora) if lora else None
         self.hparams["quantization"] = asdict(quantization) if quantization else None
         if reward_funcs is not None and rewards is not None and list(reward_funcs) != list(rewards):
-            raise ValueError("reward_funcs and rewards name the same option (rewards is its earlier name): set one")
+            raise ValueError(f"reward_funcs={list(reward_funcs)!r} and rewards={list(rewards)!r} are one option under two "
+                             "names (rewards is its earlier name): set only reward_funcs (on the command line "
+                             "too: --model.reward_funcs)")
         reward_funcs = list(reward_funcs if reward_funcs is not None else rewards or ["accuracy"])
         self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
         self.hparams["rewards"] = None

@@ -1,6 +1,6 @@
 """Pieces the CLI subprocess tests plug into `gainrl-pl` by dotted path (the tests put this folder on PYTHONPATH).
 
-    --model.rewards '[cli_probe.digit_reward]'  --trainer.callbacks+=cli_probe.StepRecord
+    --model.reward_funcs '[cli_probe.digit_reward]'  --trainer.callbacks+=cli_probe.StepRecord
 
 `StepRecord` appends one JSON line per trained step to the file named by $GAINRL_STEP_RECORD.
 """

@@ -53,7 +53,7 @@ def _fit_paper_config(tiny_model_dir, tmp_path, monkeypatch, *extra):
     monkeypatch.setenv("GAINRL_PL_CACHE", str(tmp_path / "cache"))
     # run=False: LightningCLI builds everything from the config (no subcommand) and the test calls fit itself
     cli = run_lightning_cli(["--config", str(PAPER), *cpu_swaps(PAPER, tiny_model_dir, tmp_path, max_steps=2),
-                             "--model.rewards", "[cli_probe.digit_reward]",  # unequal rewards: every step has a gradient
+                             "--model.reward_funcs", "[cli_probe.digit_reward]",  # unequal rewards: every step has a gradient
                              "--model.beta", "0", "--trainer.logger", "false", *extra], run=False)
     before = _weights(cli.model)
     cli.trainer.fit(cli.model, datamodule=cli.datamodule)

@@ -94,7 +94,7 @@ GAINRL_PL = Path(sys.executable).with_name("gainrl-pl")
 # The shipped demo config with its loggers (CSV + TensorBoard) and checkpoint settings; swapped in: the tiny
 # model, a reward its random completions do not tie on (so every step changes the weights), shorter
 # completions and 4 validation prompts (seconds instead of minutes).
-TINY_DEMO = ["--model.rewards", "[cli_probe.digit_reward]", "--model.max_completion_length", "6",
+TINY_DEMO = ["--model.reward_funcs", "[cli_probe.digit_reward]", "--model.max_completion_length", "6",
              "--model.val_max_completion_length", "4", "--data.val_limit", "4",
              "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=cli_probe.StepRecord"]
 

@@ -137,7 +137,7 @@ def test_reward_funcs_and_rewards_are_one_option(tiny_model_dir):
     assert a.reward_names == b.reward_names == ["accuracy_reward", "format_reward"]
     assert a.hparams.reward_funcs == b.hparams.reward_funcs == ["accuracy", "format"]
     assert _module(tiny_model_dir).reward_names == ["accuracy_reward"]  # neither: accuracy
-    with pytest.raises(ValueError, match="reward_funcs and rewards name the same option"):
+    with pytest.raises(ValueError, match="one option under two names"):
         _module(tiny_model_dir, reward_funcs=["accuracy"], rewards=["format"])
 
 
