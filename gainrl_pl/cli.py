@@ -58,7 +58,7 @@ def run_lightning_cli(argv: list[str], run: bool = True):
 
     from gainrl_pl import resume
     from gainrl_pl.callbacks import GainRLCheckpoint, GainRLScheduler
-    from gainrl_pl.console import quiet_resume_warnings
+    from gainrl_pl.console import name_steps_in_progress_bar, quiet_resume_warnings
     from gainrl_pl.datamodules import GainRLDataModule
     from gainrl_pl.module import GRPOModule
 
@@ -87,6 +87,7 @@ def run_lightning_cli(argv: list[str], run: bool = True):
                         print(f"[gainrl] {note}")
 
         def before_fit(self) -> None:
+            name_steps_in_progress_bar(self.trainer)
             self._resolve_checkpoint()
 
         def before_validate(self) -> None:

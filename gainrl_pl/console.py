@@ -9,6 +9,7 @@ remains.
 from __future__ import annotations
 
 import logging
+import types
 import warnings
 
 
@@ -49,3 +50,22 @@ def quiet_resume_warnings() -> None:
     # Lightning cannot see that the train loader resumes mid-round: GainRLDataModule saves and restores the
     # sampler's position, round and RNG in the checkpoint (tests/test_resume.py checks the drawn prompts).
     warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch ended")
+
+
+def name_steps_in_progress_bar(trainer) -> None:
+    """Lightning's rich bar titles a run with `max_epochs=-1` "Epoch 1/-2" (it prints `max_epochs - 1`).
+
+    GRPO runs are bounded by `max_steps`: the trainer's own rich bar gets a title naming that instead.
+    Other bars (TQDM, a user's own, none) are left as they are.
+    """
+    from lightning.pytorch.callbacks import RichProgressBar
+
+    bar = trainer.progress_bar_callback
+    if type(bar) is not RichProgressBar or (trainer.max_epochs is not None and trainer.max_epochs >= 0):
+        return
+
+    def describe(self, current_epoch: int) -> str:
+        steps = f" (max_steps {self.trainer.max_steps})" if (self.trainer.max_steps or 0) > 0 else ""
+        return f"{f'Epoch {current_epoch}{steps}':{len(self.validation_description)}}"
+
+    bar._get_train_description = types.MethodType(describe, bar)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +24,7 @@ def test_demo_console_is_free_of_library_noise(tiny_model_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     console = proc.stdout + proc.stderr
     assert console_problems(console) == [], console
+    assert "/-2" not in console and re.search(r"Epoch \d+ \(max_steps 5\)", console), console[-2000:]
     # what it does say is what a user needs: the baseline, where checkpoint, adapter and logs are
     for line in ("validation accuracy before training", "checkpoint: runs/demo/csv/version_0/checkpoints/last.ckpt",
                  "Hugging Face model/adapter:", "logs (metrics.csv, completions.jsonl): runs/demo/csv/version_0"):
