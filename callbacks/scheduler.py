@@ -21,8 +21,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gainrl_pl.sampling import ranking_from_values
-from gainrl_pl.scheduling import angle_ranking, plot_schedule
+from gainrl_pl.schedules import ranking_from_values
+from gainrl_pl.schedules.rankings import angle_ranking, plot_schedule
 
 ACCURACY_SOURCES = ("train", "val")
 SCORE_SITES = ("mlp_input", "layer_output")

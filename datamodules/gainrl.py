@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gainrl_pl.data import DATASET_PRESETS, DataError, build_examples, load_rows, resolve_data_path
-from gainrl_pl.prompts import PromptTooLongError, build_chat_prompt, build_prompt, get_prompt_template
-from gainrl_pl.sampling import SAMPLER_NAMES, build_sampler
+from gainrl_pl.data.prompts import PromptTooLongError, build_chat_prompt, build_prompt, get_prompt_template
+from gainrl_pl.schedules import SAMPLER_NAMES, build_sampler
 
 
 @dataclass

@@ -27,16 +27,17 @@ from torchmetrics import MeanMetric
 
 from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
-from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
-from gainrl_pl.group_filter import GroupFilter
+from gainrl_pl.distributed import gather_rows, sum_over_ranks
+from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
+    LOSS_TYPES,
+    SCALE_REWARDS,
     compute_advantages,
     masked_mean,
     policy_loss,
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
 from gainrl_pl.models import load_tokenizer
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
@@ -49,9 +50,13 @@ from gainrl_pl.rng_state import (
     seed_rank_streams,
 )
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+from gainrl_pl.rollout_report import rollout_metrics
+from gainrl_pl.schedules.dynamic_sampling import (
+    DynamicSamplingOutcome,
+    GroupBatch,
+    filter_and_refill,
+)
+from gainrl_pl.schedules.group_filter import GroupFilter
 
 
 class GRPOModule(pl.LightningModule):
@@ -447,42 +452,22 @@ class GRPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- dynamic sampling (DAPO, spec section 9)
     def _dynamic_sampling(self, first: GroupBatch) -> tuple[GroupBatch, DynamicSamplingOutcome]:
-        """Drop groups whose rewards are all equal and refill from the sampler; returns every generated group.
-
-        Generation has no collectives, so each rank refills on its own and ranks may run different numbers of
-        extra rounds. Then one all_gather of the counts: every rank trains on the first `common` of its kept
-        groups (`common` = the minimum over ranks; the step's own prompts come before refills), so backward
-        runs equally often everywhere; when short at the cap, every rank raises or every rank goes on.
-        """
+        """DAPO's filter and refills (`schedules.dynamic_sampling.filter_and_refill`); counts a skipped step."""
         hp = self.hparams
-        G = hp.num_generations
-        target = first.num_groups
-        f = self.group_filter
-        f.begin(target)
-        parts, keeps = [first], [f.add(first.rewards.total.view(-1, G))]
-        while not f.done:
-            count = f.next_draw_size()  # 0 once the cap is reached
-            if count == 0:
-                break
-            drawn = torch.cat([p.batch["index"] for p in parts]).tolist()
-            parts.append(self._rollout(self._refill_batch(count, attempt=f.step_extra_rounds, exclude=drawn)))
-            keeps.append(f.add(parts[-1].rewards.total.view(-1, G)))
-        generated = GroupBatch.concat(parts, self.tokenizer.pad_token_id)
-        local = torch.tensor([[f.kept, f.step_dropped, f.step_seen, f.step_extra_rounds]], device=self.device)
-        counts = self._gather_flat(local).reshape(-1, 4).cpu()
-        common = agree_on_group_count(counts, target, max_extra_generation_rounds=hp.max_extra_generation_rounds,
-                                      allow_partial=hp.dynamic_sampling_allow_partial)
-        if common == 0:
+
+        def draw(count: int, attempt: int, exclude: list[int]) -> GroupBatch:
+            return self._rollout(self._refill_batch(count, attempt=attempt, exclude=exclude))
+
+        generated, outcome = filter_and_refill(
+            first, self.group_filter, num_generations=hp.num_generations, pad_token_id=self.tokenizer.pad_token_id,
+            draw=draw, gather_counts=self._gather_flat, max_extra_generation_rounds=hp.max_extra_generation_rounds,
+            allow_partial=hp.dynamic_sampling_allow_partial, skipped_steps=self.dynamic_sampling_skipped_steps)
+        if outcome.kept.numel() == 0:
             self.dynamic_sampling_skipped_steps += 1
             rank_zero_warn(f"dynamic sampling: a rank kept no group with unequal rewards after "
                            f"max_extra_generation_rounds={hp.max_extra_generation_rounds}; step skipped on every "
                            f"rank ({self.dynamic_sampling_skipped_steps} so far)")
-        metrics = {"dropped_groups": float(counts[:, 1].sum()),
-                   "extra_rounds": float(counts[:, 3].max()),  # the slowest rank's: what the step waited for
-                   "zero_variance_fraction": float(counts[:, 1].sum() / counts[:, 2].sum().clamp(min=1)),
-                   "trained_groups": float(common * counts.shape[0]),
-                   "skipped_steps": float(self.dynamic_sampling_skipped_steps)}
-        return generated, DynamicSamplingOutcome(first_kept(torch.cat(keeps), common), counts[:, 2].tolist(), metrics)
+        return generated, outcome
 
     def _refill_batch(self, count: int, *, attempt: int, exclude: list[int]) -> dict[str, Any]:
         """`count` more prompts from the sampler's round in progress, collated like the loader's batches."""
@@ -502,8 +487,7 @@ class GRPOModule(pl.LightningModule):
         groups instead, so the report's mean signal (what GAIN-RL's update reads) is the measured one.
         """
         stats = torch.stack([measured.sum(), torch.tensor(float(measured.numel()), device=measured.device)])
-        if self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        stats = sum_over_ranks(stats, self.trainer.strategy, self.trainer.world_size)
         if stats[1] > 0:  # a step skipped on every rank measured nothing: it carries the last measured mean
             self._last_angle_signal = float(stats[0] / stats[1])
         signal = torch.full((num_groups,), self._last_angle_signal, device=measured.device)
@@ -561,9 +545,7 @@ class GRPOModule(pl.LightningModule):
             return self._logprobs_batched(self.policy, input_ids, attention, rollout)
 
     def _global_token_count(self, mask: torch.Tensor) -> float:
-        count = mask.sum().to(torch.float32)
-        if self.trainer.world_size > 1:
-            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        count = sum_over_ranks(mask.sum().to(torch.float32), self.trainer.strategy, self.trainer.world_size)
         return max(float(count), 1.0)
 
     def _report_rollout(self, generated: GroupBatch, dynamic: DynamicSamplingOutcome | None, step_metrics, *,
@@ -590,28 +572,15 @@ class GRPOModule(pl.LightningModule):
         report = {k: self._gather_flat(v, groups) for k, v in local.items()}
         self.last_rollout_report = report
 
-        totals = self._gather_flat(rewards.total, rows)
-        per_fn = self._gather_flat(rewards.per_function, rows)
-        lengths = self._gather_flat(rollout.completion_mask.sum(dim=1).float(), rows)
-        truncated = self._gather_flat(rollout.truncated.float(), rows)
         zero_std = self._gather_flat((rewards.total.view(-1, G).std(dim=1) < 1e-6).float(), groups)
-        log = {"reward/total": totals.mean(), "reward/total_std": totals.std(),
-               "reward/accuracy": report["accuracy"].mean(), "reward/zero_std_groups": zero_std.mean(),
-               "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
-               "completions/max_length": lengths.max(), "completions/truncated_fraction": truncated.mean(),
-               "gainrl/angle_signal": report["signal"].mean(),
-               "perf/generation_tokens_per_s": gen_tokens / max(rollout.seconds, 1e-9),
-               "perf/train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
-               "train/nonfinite_updates": float(self.nonfinite_total)}
-        for j, name in enumerate(self.reward_names):
-            log[f"reward/{name}/mean"] = per_fn[..., j].nanmean() if per_fn.dim() > 1 else per_fn.nanmean()
-            log[f"reward/{name}/std"] = per_fn[..., j].std() if per_fn.dim() > 1 else per_fn.std()
-        for key, count in rewards.errors.items():
-            log[f"reward/{key}/errors"] = float(count)
-        if dynamic is not None:
-            log.update({f"dynamic_sampling/{key}": value for key, value in dynamic.metrics.items()})
-        for key, values in step_metrics.items():
-            log[f"train/{key}"] = sum(values) / len(values)
+        log = rollout_metrics(
+            totals=self._gather_flat(rewards.total, rows), per_function=self._gather_flat(rewards.per_function, rows),
+            reward_names=self.reward_names, reward_errors=rewards.errors, accuracy=report["accuracy"],
+            signal=report["signal"], lengths=self._gather_flat(rollout.completion_mask.sum(dim=1).float(), rows),
+            truncated=self._gather_flat(rollout.truncated.float(), rows), zero_std=zero_std,
+            generation_tokens=gen_tokens, generation_seconds=rollout.seconds, train_tokens=train_tokens,
+            train_seconds=train_seconds, nonfinite_updates=self.nonfinite_total, step_metrics=step_metrics,
+            dynamic_metrics=None if dynamic is None else dynamic.metrics)
         if torch.cuda.is_available() and self.device.type == "cuda":
             log["perf/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         log["train/learning_rate"] = self.optimizers().param_groups[0]["lr"]
@@ -634,19 +603,8 @@ class GRPOModule(pl.LightningModule):
         return torch.nan_to_num(values, nan=0.0) > 0.5
 
     def _gather_flat(self, tensor: torch.Tensor, rows_per_rank: list[int] | None = None) -> torch.Tensor:
-        """All ranks' rows of `tensor`, rank by rank.
-
-        `rows_per_rank` gives each rank's row count when they differ: all_gather needs one shape, so the rows
-        are padded to the longest, gathered, and the padding cut off again.
-        """
-        if self.trainer.world_size == 1:
-            return tensor.detach()
-        if rows_per_rank is None:
-            return self.all_gather(tensor.detach()).reshape(-1, *tensor.shape[1:])
-        padded = tensor.detach().new_zeros((max(rows_per_rank), *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor.detach()
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[r, :n] for r, n in enumerate(rows_per_rank)])
+        """All ranks' rows of `tensor`, rank by rank (`rows_per_rank` when their row counts differ)."""
+        return gather_rows(tensor, self.all_gather, self.trainer.world_size, rows_per_rank)
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:

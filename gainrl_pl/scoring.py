@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from gainrl_pl.angles import angle_concentration, weighted_score
+from gainrl_pl.data.prompts import PromptSegments
 from gainrl_pl.models import position_ids_from_mask
-from gainrl_pl.prompts import PromptSegments
 
 SITES = ("mlp_input", "layer_output")
 """`mlp_input`: input of the layer's MLP = output of its post-attention norm (paper, default);

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gainrl_pl.export import main as export_main
-from gainrl_pl.export import merge_adapter
+from gainrl_pl.evaluation.export import main as export_main
+from gainrl_pl.evaluation.export import merge_adapter
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 11, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
 

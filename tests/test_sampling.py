@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy.stats import chi2_contingency, chisquare
 from torch.utils.data import DataLoader
 
-from gainrl_pl.sampling import (
+from gainrl_pl.schedules import (
     SAMPLER_NAMES,
     AdaRFTSampler,
     GaussianRankSampler,

@@ -8,8 +8,8 @@ import sys
 import pytest
 import torch
 
-from gainrl_pl.prompts import build_prompt, get_prompt_template
-from gainrl_pl.scheduling import angle_ranking
+from gainrl_pl.data.prompts import build_prompt, get_prompt_template
+from gainrl_pl.schedules.rankings import angle_ranking
 from gainrl_pl.scoring import (
     AngleScorer,
     PromptScore,

@@ -6,27 +6,8 @@ import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from gainrl_pl.distributed import from_rank_zero, gather_objects
 from gainrl_pl.scoring import AngleScorer, ScoreCache, rank_scores, ranking_summary
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """all_gather for picklable objects when torch.distributed is up; [obj] otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
-
-
-def _from_rank_zero(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank when torch.distributed is up; `obj` otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
 
 
 def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: int = -1, site: str = "mlp_input",
@@ -48,7 +29,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
     if cache is not None:
         key = cache.key(model, segments, layer=layer, site=site, w_intra=w_intra, w_inter=w_inter,
                         intra_diagonal=intra_diagonal, model_id=model_id)
-        cached = _from_rank_zero(cache.load(key) if rank == 0 else None)
+        cached = from_rank_zero(cache.load(key) if rank == 0 else None)
         if cached is not None:
             return rank_scores(cached), cached, ranking_summary(cached, [it["question_tokens"] for it in items])
     scorer = AngleScorer(model, tokenizer, layer=layer, site=site, batch_size=batch_size, w_intra=w_intra,
@@ -56,7 +37,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
     mine = list(range(rank, len(items), world))
     local = scorer.score([segments[i] for i in mine])
     pairs = list(zip(mine, local, strict=True))
-    merged = sorted((p for part in _gather_objects(pairs) for p in part), key=lambda p: p[0])
+    merged = sorted((p for part in gather_objects(pairs) for p in part), key=lambda p: p[0])
     results = [_reindex(s, pos) for pos, s in merged]
     summary = ranking_summary(results, [it["question_tokens"] for it in items])
     if cache is not None and rank == 0:

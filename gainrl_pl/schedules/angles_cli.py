@@ -50,7 +50,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gainrl_pl.datamodules import GainRLDataModule
     from gainrl_pl.models import load_model
-    from gainrl_pl.scheduling import angle_ranking
+    from gainrl_pl.schedules.rankings import angle_ranking
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,6 +1,6 @@
 """What runs inside a sandbox run: the launcher (isolation), the program's process, and the judge.
 
-`gainrl_pl.sandbox` runs this file once per program run in a fresh `python -I -S` (its code compiled once in the
+`gainrl_pl.rewards.sandbox` runs this file once per program run in a fresh `python -I -S` (its code compiled once in the
 training process and sent on stdin ahead of the job, or its text with `-c` for another interpreter; the job
 follows in two parts, see `main`), so it imports only built-in or small stdlib modules: every import here is
 paid on every run. The training process never imports it (tests do, to check the wire format directly).
