@@ -90,7 +90,7 @@ def run_child(args) -> dict:
     import torch
     from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-    from gainrl_pl.model_setup import LoraSettings, QuantizationSettings
+    from gainrl_pl.models import LoraSettings, QuantizationSettings
     from gainrl_pl.module import GRPOModule
 
     pl.seed_everything(0, verbose=False)

@@ -176,7 +176,7 @@ def run_ours(args) -> dict:
     import lightning.pytorch as pl
     from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-    from gainrl_pl.model_setup import LoraSettings
+    from gainrl_pl.models import LoraSettings
     from gainrl_pl.module import GRPOModule
 
     pl.seed_everything(args.seed, verbose=False)

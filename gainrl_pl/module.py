@@ -30,19 +30,24 @@ from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.distributed import gather_rows, sum_over_ranks
 from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
-    LOSS_TYPES,
-    SCALE_REWARDS,
+    check_loss_type,
+    check_scale_rewards,
     compute_advantages,
     masked_mean,
     policy_loss,
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
-from gainrl_pl.models import load_tokenizer
+from gainrl_pl.models import (
+    LoraSettings,
+    QuantizationSettings,
+    build_policy,
+    load_tokenizer,
+    reference_context,
+)
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
-from gainrl_pl.rewards import ANSWER_EXTRACTIONS, COMPLETION_FORMATS, ChatInputs, RewardComputer
+from gainrl_pl.rewards import COMPLETION_FORMATS, ChatInputs, RewardComputer, check_answer_extraction
 from gainrl_pl.rng_state import (
     collect_rng_states_of_all_ranks,
     restore_rng_states,
@@ -210,11 +215,11 @@ class GRPOModule(pl.LightningModule):
         reward_funcs = list(reward_funcs if reward_funcs is not None else rewards or ["accuracy"])
         self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
         self.hparams["rewards"] = None
-        _validate_choice("loss_type", loss_type, LOSS_TYPES)
-        _validate_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+        check_loss_type(loss_type)
+        check_scale_rewards(scale_rewards)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
-        _validate_choice("answer_extraction", answer_extraction, ANSWER_EXTRACTIONS)
+        check_answer_extraction(answer_extraction)
         _validate_choice("completion_format", completion_format, COMPLETION_FORMATS)
         for name in ("num_generations", "max_completion_length", "num_iterations", "steps_per_rollout",
                      "val_num_samples", "max_consecutive_nonfinite"):

@@ -39,6 +39,7 @@ MOVED_MODULES: dict[str, str] = {
     "prompts": "data.prompts",
     "arithmetic": "data.arithmetic",
     "code_data": "data.code",
+    "model_setup": "models",
 }
 
 

@@ -59,8 +59,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from gainrl_pl.model_setup import QuantizationSettings, disable_bnb_cpu_repacking
-    from gainrl_pl.models import load_model
+    from gainrl_pl.models import QuantizationSettings, disable_bnb_cpu_repacking, load_model
 
     quant = QuantizationSettings(compute_dtype="float32")
     base4 = load_model(str(tiny_model_dir), quantization_config=quant.to_bitsandbytes())

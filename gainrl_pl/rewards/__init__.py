@@ -6,49 +6,36 @@
 - `code`, `sandbox`, `sandbox_child`: the execution reward for code tasks and the process it runs in.
 
 Nothing here knows about GAIN-RL; the names below are the import surface (`from gainrl_pl.rewards import ...`).
+They are imported on first use, so that `gainrl_pl.rewards.sandbox` stays importable without torch (the
+sandbox's fallback runs under the system Python).
 """
 
-from gainrl_pl.rewards.answers import (
-    ANSWER_EXTRACTIONS,
-    DEFAULT_ANSWER_EXTRACTION,
-    DEFAULT_TIMEOUT_SECONDS,
-    MAX_ANSWER_CHARS,
-    MAX_ANSWER_NESTING,
-    answers_match,
-    check_answer_extraction,
-    completion_text,
-    extract_boxed,
-    extract_gsm8k_answer,
-    extract_prediction,
-    gold_answer,
-    last_number,
-)
-from gainrl_pl.rewards.computer import (
-    COMPLETION_FORMATS,
-    ChatInputs,
-    RewardComputer,
-    RewardFunctionError,
-    RewardOutput,
-    as_chat_completions,
-    wants_chat,
-)
-from gainrl_pl.rewards.functions import (
-    REWARD_FUNCTIONS,
-    AccuracyReward,
-    FormatReward,
-    LengthPenalty,
-    RewardFunction,
-    accuracy_reward,
-    format_reward,
-    get_reward_function,
-    length_penalty,
-)
+from __future__ import annotations
 
-__all__ = [
-    "ANSWER_EXTRACTIONS", "COMPLETION_FORMATS", "DEFAULT_ANSWER_EXTRACTION", "DEFAULT_TIMEOUT_SECONDS",
-    "MAX_ANSWER_CHARS", "MAX_ANSWER_NESTING", "REWARD_FUNCTIONS", "AccuracyReward", "ChatInputs", "FormatReward",
-    "LengthPenalty", "RewardComputer", "RewardFunction", "RewardFunctionError", "RewardOutput", "accuracy_reward",
-    "answers_match", "as_chat_completions", "check_answer_extraction", "completion_text", "extract_boxed",
-    "extract_gsm8k_answer", "extract_prediction", "format_reward", "get_reward_function", "gold_answer",
-    "last_number", "length_penalty", "wants_chat",
-]
+import importlib
+from typing import Any
+
+#: public name -> the module (in this package) that defines it
+_EXPORTS: dict[str, str] = {
+    "ANSWER_EXTRACTIONS": "answers", "DEFAULT_ANSWER_EXTRACTION": "answers",
+    "DEFAULT_TIMEOUT_SECONDS": "answers", "MAX_ANSWER_CHARS": "answers", "MAX_ANSWER_NESTING": "answers",
+    "answers_match": "answers", "check_answer_extraction": "answers", "completion_text": "answers",
+    "extract_boxed": "answers", "extract_gsm8k_answer": "answers", "extract_prediction": "answers",
+    "gold_answer": "answers", "last_number": "answers",
+    "COMPLETION_FORMATS": "computer", "ChatInputs": "computer", "RewardComputer": "computer",
+    "RewardFunctionError": "computer", "RewardOutput": "computer", "as_chat_completions": "computer",
+    "wants_chat": "computer",
+    "REWARD_FUNCTIONS": "functions", "AccuracyReward": "functions", "FormatReward": "functions",
+    "LengthPenalty": "functions", "RewardFunction": "functions", "accuracy_reward": "functions",
+    "format_reward": "functions", "get_reward_function": "functions", "length_penalty": "functions",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+        globals()[name] = value  # later lookups skip this function
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

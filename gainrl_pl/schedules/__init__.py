@@ -20,8 +20,8 @@ from gainrl_pl.schedules.base import RoundSampler, finite_mean, top_k_without_re
 from gainrl_pl.schedules.gaussian import (
     GaussianRankSampler,
     MeanUpdate,
+    check_sigma,
     gaussian_rank_probabilities,
-    ranking_from_values,
     resolve_rank_quantity,
     update_mean,
 )
@@ -32,6 +32,7 @@ from gainrl_pl.schedules.peers import (
     PassRatePrioritySampler,
     UniformSampler,
 )
+from gainrl_pl.schedules.rankings import rank_scores, ranking_from_values
 from gainrl_pl.schedules.selective import GRESOSampler, MoPPSSampler
 
 SAMPLERS: dict[str, type[RoundSampler]] = {
@@ -67,6 +68,6 @@ def build_sampler(name: str, **kwargs: Any) -> RoundSampler:
 __all__ = [
     "PASS_RATE_ESTIMATORS", "PASS_RATE_WEIGHTINGS", "SAMPLERS", "SAMPLER_NAMES", "AdaRFTSampler",
     "GRESOSampler", "GaussianRankSampler", "MeanUpdate", "MoPPSSampler", "PassRatePrioritySampler", "RoundSampler", "UniformSampler",
-    "build_sampler", "finite_mean", "gaussian_rank_probabilities", "ranking_from_values", "resolve_rank_quantity",
+    "build_sampler", "check_sigma", "finite_mean", "gaussian_rank_probabilities", "rank_scores", "ranking_from_values", "resolve_rank_quantity",
     "top_k_without_replacement", "update_mean",
 ]

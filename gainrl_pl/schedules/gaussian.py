@@ -1,6 +1,6 @@
 """GAIN-RL's data schedule: a Gaussian over angle-ranked prompts whose mean moves each round (spec sections 4, 5).
 
-Pure math first (`gaussian_rank_probabilities`, `update_mean`, `ranking_from_values`), then
+Pure math first (`gaussian_rank_probabilities`, `update_mean`), then
 `GaussianRankSampler` (GAIN-RL `angle`; with another ranking `length` and `accuracy_curriculum`).
 
 The contract all schedules implement, `RoundSampler`, is in `gainrl_pl.schedules.base`; the peers in
@@ -32,6 +32,13 @@ def resolve_rank_quantity(value: float, n: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"rank quantity {value} must be finite")
     return value * n if 0 < abs(value) <= 1 else value
+
+
+def check_sigma(sigma: float, name: str = "sigma") -> float:
+    """`sigma` if it is a finite number > 0 (ranks if > 1, a fraction of N if in (0, 1]); ValueError otherwise."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"{name}={sigma} must be > 0: ranks if > 1, a fraction of N if in (0, 1]")
+    return sigma
 
 
 def _gaussian_log_weights(n: int, mu: float, sigma: float) -> np.ndarray:
@@ -125,25 +132,6 @@ def update_mean(
     return MeanUpdate(new_mu, accuracy_term, angle_term, shift)
 
 
-def ranking_from_values(values: Sequence[float], descending: bool = False) -> list[int]:
-    """Positions ordered by a per-prompt value, ties by position (stable).
-
-    Ascending (default) puts the smallest value first: question length for `length` (shortest first), a
-    difficulty for `accuracy_curriculum`; `descending=True` for a pass rate (easiest first) or an angle score.
-
-    Args:
-        values: One finite number per prompt.
-        descending: Largest value first.
-    """
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"values must be one number per prompt, got shape {arr.shape}")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(f"values[{int(bad[0])}]={arr[bad[0]]} is not finite; every prompt needs a number to be ranked")
-    return [int(i) for i in np.argsort(-arr if descending else arr, kind="stable")]
-
-
 # ------------------------------------------------------------------------------------------------ samplers
 
 
@@ -192,8 +180,7 @@ class GaussianRankSampler(RoundSampler):
             num_prompts = len(ranking)
         super().__init__(num_prompts, subset_size, batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
                          drop_uneven=drop_uneven)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma={sigma} must be > 0: ranks if > 1, a fraction of N if in (0, 1]")
+        check_sigma(sigma)
         if not (math.isfinite(step_size) and step_size >= 0):
             raise ValueError(f"step_size={step_size} (n) must be >= 0: ranks if > 1, a fraction of N if in (0, 1]")
         if not math.isfinite(mu) or mu < 0:
