@@ -48,9 +48,14 @@ def load_old_sandbox(rev: str, directory: Path):
     package = directory / "old_sandbox"
     package.mkdir()
     for name in ("sandbox.py", "sandbox_child.py"):
-        text = subprocess.run(["git", "show", f"{rev}:gainrl_pl/{name}"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout
-        (package / name).write_text(text)
+        for folder in ("gainrl_pl/rewards", "gainrl_pl"):  # the files moved into rewards/ in issue 16
+            shown = subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], cwd=REPO, capture_output=True,
+                                   text=True)
+            if shown.returncode == 0:
+                break
+        else:
+            raise FileNotFoundError(f"{name} is in neither gainrl_pl/rewards/ nor gainrl_pl/ at {rev}")
+        (package / name).write_text(shown.stdout)
     spec = importlib.util.spec_from_file_location("old_sandbox.sandbox", package / "sandbox.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

@@ -159,28 +159,6 @@ def enter_namespaces(workdir, uid, scratch_mb):
            f"size={scratch_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
 
 
-# ----------------------------------------------------------------------------------------- child setup
-def _set_limits(limits):
-    mib = 1024 * 1024
-    pairs = [
-        (resource.RLIMIT_AS, limits["memory_mb"] * mib),
-        (resource.RLIMIT_FSIZE, limits["max_file_mb"] * mib),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-        (resource.RLIMIT_NPROC, limits["max_processes"]),
-        (resource.RLIMIT_CORE, 0),
-    ]
-    for which, value in pairs:
-        resource.setrlimit(which, (value, value))
-    # The soft CPU limit sends SIGXCPU (kills: no handler yet), the hard one a second later SIGKILL.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
-
-
-def _drop_privileges(uid):
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)  # an unprivileged uid: all capabilities are gone from here on
-
-
 # ----------------------------------------------------------------------------------------- process setup
 def _block_sockets():
     """Python-level socket guard for `rlimits` mode (no network namespace): socket creation raises.
