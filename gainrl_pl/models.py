@@ -284,3 +284,31 @@ def is_peft_model(model: torch.nn.Module) -> bool:
 def reference_context(model: torch.nn.Module):
     """Context in which `model` computes the reference policy: adapters off for a peft model."""
     return model.disable_adapter() if is_peft_model(model) else contextlib.nullcontext()
+
+
+# ------------------------------------------------------------------ which weights a checkpoint holds
+def checkpoint_weight_keys(keys, trainable: set[str], *, lora: bool) -> set[str]:
+    """Which of these state_dict keys a checkpoint holds: the `trainable` adapters with LoRA (frozen base weights
+    are rebuilt from the source model), everything but the reference copy (`ref_model.`) without."""
+    if lora:
+        return {k for k in keys if k in trainable}
+    return {k for k in keys if not k.startswith("ref_model.")}
+
+
+def check_checkpoint_weight_keys(saved: set[str], expected: set[str]) -> None:
+    """A strict check of exactly the keys a module saves: a checkpoint of another LoRA/model setting would
+    otherwise resume with fresh adapters in silence (`GRPOModule` loads non-strictly). RuntimeError naming
+    the missing and unexpected keys otherwise."""
+    missing, unexpected = sorted(expected - saved), sorted(saved - expected)
+    if not missing and not unexpected:
+        return
+
+    def listed(keys: list[str]) -> str:
+        return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
+
+    parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
+    parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
+    raise RuntimeError(
+        f"the checkpoint does not match this model: {'; '.join(parts)} weight key(s). It was saved with another "
+        "model, `lora` setting (r, target_modules) or full fine-tuning vs LoRA; resume with the settings it was "
+        "trained with (its hyper-parameters are under `hyper_parameters` in the checkpoint).")

@@ -42,6 +42,8 @@ from gainrl_pl.models import (
     LoraSettings,
     QuantizationSettings,
     build_policy,
+    check_checkpoint_weight_keys,
+    checkpoint_weight_keys,
     load_tokenizer,
     reference_context,
 )
@@ -659,12 +661,8 @@ class GRPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def _checkpoint_keys(self, keys) -> set[str]:
-        """Which of these state_dict keys a checkpoint holds: the trainable adapters with LoRA (frozen base weights
-        are rebuilt from the source model), everything but the reference copy without."""
-        if self.hparams.lora is not None:
-            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-            return {k for k in keys if k in trainable}
-        return {k for k in keys if not k.startswith("ref_model.")}
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        return checkpoint_weight_keys(keys, trainable, lora=self.hparams.lora is not None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model."""
@@ -678,28 +676,11 @@ class GRPOModule(pl.LightningModule):
         checkpoint["gainrl_rng_states"] = collect_rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_checkpoint_keys(set(checkpoint.get("state_dict", {})))
+        check_checkpoint_weight_keys(set(checkpoint.get("state_dict", {})),
+                                     self._checkpoint_keys(self.state_dict().keys()))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
-
-    def _check_checkpoint_keys(self, saved: set[str]) -> None:
-        """A strict check of exactly the keys this module saves: a checkpoint of another LoRA/model setting would
-        otherwise resume with fresh adapters in silence (loading is not strict, see __init__)."""
-        expected = self._checkpoint_keys(self.state_dict().keys())
-        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-        if not missing and not unexpected:
-            return
-
-        def listed(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-        parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
-        parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
-        raise RuntimeError(
-            f"the checkpoint does not match this model: {'; '.join(parts)} weight key(s). It was saved with another "
-            "model, `lora` setting (r, target_modules) or full fine-tuning vs LoRA; resume with the settings it was "
-            "trained with (its hyper-parameters are under `hyper_parameters` in the checkpoint).")
 
     def save_hf(self, directory: str) -> None:
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""
