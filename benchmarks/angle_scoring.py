@@ -84,7 +84,7 @@ def load_setup(args: argparse.Namespace) -> Setup:
 def gsm8k_prompts(tokenizer, path: str, limit: int) -> list:
     """The first `limit` GSM8K training questions, rendered with the `paper` prompt preset."""
     from gainrl_pl.data import build_examples, load_rows
-    from gainrl_pl.prompts import build_prompt, get_prompt_template
+    from gainrl_pl.data.prompts import build_prompt, get_prompt_template
 
     examples, _ = build_examples(load_rows(path), "gsm8k")
     template = get_prompt_template("paper")
@@ -95,7 +95,7 @@ def synthetic_prompts(tokenizer, path: str, length: int, count: int) -> list:
     """`count` paper-preset prompts of about `length` tokens each; the question is a slice of
     concatenated GSM8K questions (distinct slices, so no two prompts are equal)."""
     from gainrl_pl.data import build_examples, load_rows
-    from gainrl_pl.prompts import build_prompt, get_prompt_template
+    from gainrl_pl.data.prompts import build_prompt, get_prompt_template
 
     template = get_prompt_template("paper")
     overhead = build_prompt(tokenizer, "x", template).num_tokens - 1

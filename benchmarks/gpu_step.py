@@ -88,9 +88,9 @@ def write_prompts(path: Path, model_dir: Path, prompt_tokens: int, count: int) -
 def run_child(args) -> dict:
     import lightning.pytorch as pl
     import torch
-
     from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
-    from gainrl_pl.model_setup import LoraSettings, QuantizationSettings
+
+    from gainrl_pl.models import LoraSettings, QuantizationSettings
     from gainrl_pl.module import GRPOModule
 
     pl.seed_everything(0, verbose=False)

@@ -163,7 +163,7 @@ class StepLog:
 def benchmark_prompts(args, tokenizer) -> tuple[list[str], list[str]]:
     """The first `--prompts` GSM8K training questions rendered with our preset, and their answers."""
     from gainrl_pl.data import build_examples, load_rows
-    from gainrl_pl.prompts import build_prompt, get_prompt_template
+    from gainrl_pl.data.prompts import build_prompt, get_prompt_template
 
     examples, _ = build_examples(load_rows(args.data), "gsm8k")
     template = get_prompt_template(args.prompt_preset)
@@ -176,7 +176,7 @@ def run_ours(args) -> dict:
     import lightning.pytorch as pl
     from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-    from gainrl_pl.model_setup import LoraSettings
+    from gainrl_pl.models import LoraSettings
     from gainrl_pl.module import GRPOModule
 
     pl.seed_everything(args.seed, verbose=False)

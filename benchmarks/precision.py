@@ -60,7 +60,7 @@ def run_setting(args) -> dict:
     from gainrl_pl.callbacks import GainRLScheduler
     from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-    from gainrl_pl.model_setup import LoraSettings
+    from gainrl_pl.models import LoraSettings
     from gainrl_pl.module import GRPOModule
 
     torch.set_num_threads(args.threads)

@@ -36,21 +36,26 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "tests"))  # the hack programs live in tests/test_reward_hacks.py
 
-from gainrl_pl import sandbox as new_sandbox  # noqa: E402
-from gainrl_pl.code_data import load_code_problems, load_humaneval  # noqa: E402
-from gainrl_pl.code_reward import extract_program, parse_tests  # noqa: E402
+from gainrl_pl.data.code import load_code_problems, load_humaneval  # noqa: E402
+from gainrl_pl.rewards import sandbox as new_sandbox  # noqa: E402
+from gainrl_pl.rewards.code import extract_program, parse_tests  # noqa: E402
 
 DEFAULT_BASELINE = "9af3ec3"
 
 
 def load_old_sandbox(rev: str, directory: Path):
-    """gainrl_pl/sandbox.py and sandbox_child.py as of `rev`, imported as a module of their own."""
+    """gainrl_pl/rewards/sandbox.py and sandbox_child.py as of `rev`, imported as a module of their own."""
     package = directory / "old_sandbox"
     package.mkdir()
     for name in ("sandbox.py", "sandbox_child.py"):
-        text = subprocess.run(["git", "show", f"{rev}:gainrl_pl/{name}"], cwd=REPO, check=True,
-                              capture_output=True, text=True).stdout
-        (package / name).write_text(text)
+        for folder in ("gainrl_pl/rewards", "gainrl_pl"):  # the files moved into rewards/ in issue 16
+            shown = subprocess.run(["git", "show", f"{rev}:{folder}/{name}"], cwd=REPO, capture_output=True,
+                                   text=True)
+            if shown.returncode == 0:
+                break
+        else:
+            raise FileNotFoundError(f"{name} is in neither gainrl_pl/rewards/ nor gainrl_pl/ at {rev}")
+        (package / name).write_text(shown.stdout)
     spec = importlib.util.spec_from_file_location("old_sandbox.sandbox", package / "sandbox.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there

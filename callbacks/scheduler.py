@@ -21,11 +21,10 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 
-from gainrl_pl.sampling import ranking_from_values
-from gainrl_pl.scheduling import angle_ranking, plot_schedule
+from gainrl_pl.schedules.rankings import angle_ranking, plot_schedule, ranking_from_values
+from gainrl_pl.scoring import check_site
 
 ACCURACY_SOURCES = ("train", "val")
-SCORE_SITES = ("mlp_input", "layer_output")
 
 
 class GainRLScheduler(pl.Callback):
@@ -54,8 +53,10 @@ class GainRLScheduler(pl.Callback):
                  cache_dir: str | None = None, plot: bool = True) -> None:
         if accuracy_source not in ACCURACY_SOURCES:
             raise ValueError(f"scheduler.accuracy_source={accuracy_source!r}: allowed values are {ACCURACY_SOURCES}")
-        if site not in SCORE_SITES:
-            raise ValueError(f"scheduler.site={site!r}: allowed values are {SCORE_SITES}")
+        try:
+            check_site(site)
+        except ValueError as err:
+            raise ValueError(f"scheduler.{err}") from None
         if rescore_every_n_rounds < 0:
             raise ValueError(f"scheduler.rescore_every_n_rounds={rescore_every_n_rounds} must be >= 0")
         self.accuracy_source = accuracy_source

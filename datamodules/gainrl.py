@@ -17,8 +17,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from gainrl_pl.data import DATASET_PRESETS, DataError, build_examples, load_rows, resolve_data_path
-from gainrl_pl.prompts import PromptTooLongError, build_chat_prompt, build_prompt, get_prompt_template
-from gainrl_pl.sampling import SAMPLER_NAMES, build_sampler
+from gainrl_pl.data.prompts import PromptTooLongError, build_chat_prompt, build_prompt, get_prompt_template
+from gainrl_pl.schedules import SAMPLER_NAMES, build_sampler, check_sigma
 
 
 @dataclass
@@ -64,8 +64,7 @@ class ScheduleSettings:
             raise ValueError(f"schedule.name={self.name!r} is not a known schedule; allowed: {', '.join(SAMPLER_NAMES)}")
         if self.subset_size < 1:
             raise ValueError(f"schedule.subset_size={self.subset_size} must be >= 1")
-        if self.sigma <= 0:
-            raise ValueError(f"schedule.sigma={self.sigma} must be > 0 (ranks, or a fraction of N if <= 1)")
+        check_sigma(self.sigma, "schedule.sigma")
         if self.name == "accuracy_curriculum" and bool(self.difficulty_field) == bool(self.pass_rate_field):
             raise ValueError("schedule.name='accuracy_curriculum' ranks easiest first by one column: set either "
                              "schedule.difficulty_field (higher = harder, ranked ascending) or "

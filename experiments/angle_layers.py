@@ -80,9 +80,9 @@ def main(argv: list[str] | None = None) -> None:
 
     from gainrl_pl.angles import angle_concentration, weighted_score
     from gainrl_pl.data import build_examples
-    from gainrl_pl.data_loading import load_rows
+    from gainrl_pl.data.loading import load_rows
+    from gainrl_pl.data.prompts import build_prompt, get_prompt_template
     from gainrl_pl.models import load_model, load_tokenizer
-    from gainrl_pl.prompts import build_prompt, get_prompt_template
     from gainrl_pl.scoring import segment_masks, spearman
 
     rows = load_rows(args.data)

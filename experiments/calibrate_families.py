@@ -44,8 +44,8 @@ def main(argv: list[str] | None = None) -> None:
 
     import torch
 
-    from gainrl_pl.arithmetic import STUDY_FAMILIES, generate_arithmetic, write_jsonl
-    from gainrl_pl.evaluate import evaluate
+    from gainrl_pl.data.arithmetic import STUDY_FAMILIES, generate_arithmetic, write_jsonl
+    from gainrl_pl.evaluation.evaluate import evaluate
 
     torch.set_num_threads(args.threads)
     families = args.families.split(",") if args.families else list(STUDY_FAMILIES)
@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> None:
              max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype, seed=args.seed,
              progress=False)
     wall = time.time() - t0
-    from gainrl_pl.eval_results import collect_samples
+    from gainrl_pl.evaluation.results import collect_samples
 
     records = collect_samples(samples_dir)
     per_family: dict[str, dict] = {}

@@ -120,11 +120,10 @@ def measure(args) -> None:
     import torch
 
     from gainrl_pl.data import load_rows
+    from gainrl_pl.data.prompts import build_prompt, get_prompt_template
     from gainrl_pl.grpo import compute_advantages, policy_loss, token_logprobs
-    from gainrl_pl.model_setup import LoraSettings, build_policy
-    from gainrl_pl.models import load_tokenizer
-    from gainrl_pl.prompts import build_prompt, get_prompt_template
-    from gainrl_pl.reward_functions import accuracy_reward
+    from gainrl_pl.models import LoraSettings, build_policy, load_tokenizer
+    from gainrl_pl.rewards.functions import accuracy_reward
     from gainrl_pl.rollout import eos_token_ids, generate_completions
     from gainrl_pl.scoring import AngleScorer, model_fingerprint
 

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "experiments" / "results"
 sys.path.insert(0, str(ROOT))  # `from gainrl_pl...` when run as a script from anywhere
 
-from gainrl_pl.study_stats import (  # noqa: E402
+from gainrl_pl.evaluation.study_stats import (  # noqa: E402
     METRICS,
     curve_area,
     minimum_detectable_difference,

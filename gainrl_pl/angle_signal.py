@@ -33,17 +33,12 @@ class AngleSignalProbe:
 
     def set_site(self, layer: int, site: str) -> None:
         """Move the probe to `layer` (negative counts from the end) and `site`; ValueError if out of range."""
-        from gainrl_pl.scoring import SITES, find_decoder_layers
+        from gainrl_pl.scoring import check_site, decoder_layer, find_decoder_layers
 
-        if site not in SITES:
-            raise ValueError(f"site={site!r} is not a scoring site; allowed: {', '.join(SITES)}")
-        layers = find_decoder_layers(self._model)
-        if not -len(layers) <= layer < len(layers):
-            raise ValueError(f"layer={layer} is out of range for a model with {len(layers)} decoder layers "
-                             f"(allowed: {-len(layers)}..{len(layers) - 1})")
+        check_site(site)
+        block = decoder_layer(find_decoder_layers(self._model), layer)
         if self._handle is not None:
             self._handle.remove()
-        block = layers[layer]
         if site == "mlp_input":
             self._handle = block.mlp.register_forward_pre_hook(self._mlp_input_hook)
         else:

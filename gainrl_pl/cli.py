@@ -17,9 +17,9 @@ import sys
 import warnings
 
 TOOLS = {
-    "angles": "gainrl_pl.angles_cli",
-    "evaluate": "gainrl_pl.evaluate",
-    "export": "gainrl_pl.export",
+    "angles": "gainrl_pl.schedules.angles_cli",
+    "evaluate": "gainrl_pl.evaluation.evaluate",
+    "export": "gainrl_pl.evaluation.export",
 }
 
 

@@ -21,6 +21,20 @@ from torch import Tensor
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 
+
+def check_scale_rewards(scale_rewards: str) -> str:
+    """`scale_rewards` if it is one of `SCALE_REWARDS`; ValueError naming them otherwise."""
+    if scale_rewards not in SCALE_REWARDS:
+        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    return scale_rewards
+
+
+def check_loss_type(loss_type: str) -> str:
+    """`loss_type` if it is one of `LOSS_TYPES`; ValueError naming them otherwise."""
+    if loss_type not in LOSS_TYPES:
+        raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    return loss_type
+
 # Elements per float32 chunk when `chunk_size` is not given: 2**24 floats = 64 MiB, e.g. 512 tokens of a
 # 32k vocabulary. Big enough that the Python loop is cheap, small next to the logits themselves.
 _CHUNK_ELEMENTS = 2**24
@@ -54,8 +68,7 @@ def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float
     Raises:
         ValueError: `rewards` is not 2-D or not finite, or `scale_rewards` is not an allowed value.
     """
-    if scale_rewards not in SCALE_REWARDS:
-        raise ValueError(f"scale_rewards={scale_rewards!r} is not one of {', '.join(SCALE_REWARDS)}")
+    check_scale_rewards(scale_rewards)
     if rewards.dim() != 2:
         raise ValueError(f"rewards must be shaped (num_prompts, G), got {tuple(rewards.shape)}")
     r = rewards.double() if rewards.dtype == torch.float64 else rewards.float()
@@ -348,8 +361,7 @@ def policy_loss(
         ValueError: unknown `loss_type`, `beta > 0` without `ref_logp`, `dr_grpo` without
             `max_completion_length`, negative `epsilon`/`beta`, or mismatched shapes.
     """
-    if loss_type not in LOSS_TYPES:
-        raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
+    check_loss_type(loss_type)
     if beta < 0 or epsilon < 0 or (epsilon_high is not None and epsilon_high < 0):
         raise ValueError(f"beta={beta}, epsilon={epsilon}, epsilon_high={epsilon_high} must be >= 0")
     if beta > 0 and ref_logp is None:

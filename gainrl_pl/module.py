@@ -27,21 +27,29 @@ from torchmetrics import MeanMetric
 
 from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
-from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
-from gainrl_pl.group_filter import GroupFilter
+from gainrl_pl.distributed import gather_rows, sum_over_ranks
+from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
+    check_loss_type,
+    check_scale_rewards,
     compute_advantages,
     masked_mean,
     policy_loss,
     token_logprobs,
     token_logprobs_and_entropy,
 )
-from gainrl_pl.metrics import pass_at_k
-from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
-from gainrl_pl.models import load_tokenizer
+from gainrl_pl.models import (
+    LoraSettings,
+    QuantizationSettings,
+    build_policy,
+    check_checkpoint_weight_keys,
+    checkpoint_weight_keys,
+    load_tokenizer,
+    reference_context,
+)
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
-from gainrl_pl.rewards import ANSWER_EXTRACTIONS, COMPLETION_FORMATS, ChatInputs, RewardComputer
+from gainrl_pl.rewards import COMPLETION_FORMATS, ChatInputs, RewardComputer, check_answer_extraction
 from gainrl_pl.rng_state import (
     collect_rng_states_of_all_ranks,
     restore_rng_states,
@@ -49,9 +57,13 @@ from gainrl_pl.rng_state import (
     seed_rank_streams,
 )
 from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
-
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
-SCALE_REWARDS = ("group", "batch", "none")
+from gainrl_pl.rollout_report import rollout_metrics
+from gainrl_pl.schedules.dynamic_sampling import (
+    DynamicSamplingOutcome,
+    GroupBatch,
+    filter_and_refill,
+)
+from gainrl_pl.schedules.group_filter import GroupFilter
 
 
 class GRPOModule(pl.LightningModule):
@@ -205,11 +217,11 @@ class GRPOModule(pl.LightningModule):
         reward_funcs = list(reward_funcs if reward_funcs is not None else rewards or ["accuracy"])
         self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
         self.hparams["rewards"] = None
-        _validate_choice("loss_type", loss_type, LOSS_TYPES)
-        _validate_choice("scale_rewards", scale_rewards, SCALE_REWARDS)
+        check_loss_type(loss_type)
+        check_scale_rewards(scale_rewards)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
-        _validate_choice("answer_extraction", answer_extraction, ANSWER_EXTRACTIONS)
+        check_answer_extraction(answer_extraction)
         _validate_choice("completion_format", completion_format, COMPLETION_FORMATS)
         for name in ("num_generations", "max_completion_length", "num_iterations", "steps_per_rollout",
                      "val_num_samples", "max_consecutive_nonfinite"):
@@ -447,42 +459,22 @@ class GRPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- dynamic sampling (DAPO, spec section 9)
     def _dynamic_sampling(self, first: GroupBatch) -> tuple[GroupBatch, DynamicSamplingOutcome]:
-        """Drop groups whose rewards are all equal and refill from the sampler; returns every generated group.
-
-        Generation has no collectives, so each rank refills on its own and ranks may run different numbers of
-        extra rounds. Then one all_gather of the counts: every rank trains on the first `common` of its kept
-        groups (`common` = the minimum over ranks; the step's own prompts come before refills), so backward
-        runs equally often everywhere; when short at the cap, every rank raises or every rank goes on.
-        """
+        """DAPO's filter and refills (`schedules.dynamic_sampling.filter_and_refill`); counts a skipped step."""
         hp = self.hparams
-        G = hp.num_generations
-        target = first.num_groups
-        f = self.group_filter
-        f.begin(target)
-        parts, keeps = [first], [f.add(first.rewards.total.view(-1, G))]
-        while not f.done:
-            count = f.next_draw_size()  # 0 once the cap is reached
-            if count == 0:
-                break
-            drawn = torch.cat([p.batch["index"] for p in parts]).tolist()
-            parts.append(self._rollout(self._refill_batch(count, attempt=f.step_extra_rounds, exclude=drawn)))
-            keeps.append(f.add(parts[-1].rewards.total.view(-1, G)))
-        generated = GroupBatch.concat(parts, self.tokenizer.pad_token_id)
-        local = torch.tensor([[f.kept, f.step_dropped, f.step_seen, f.step_extra_rounds]], device=self.device)
-        counts = self._gather_flat(local).reshape(-1, 4).cpu()
-        common = agree_on_group_count(counts, target, max_extra_generation_rounds=hp.max_extra_generation_rounds,
-                                      allow_partial=hp.dynamic_sampling_allow_partial)
-        if common == 0:
+
+        def draw(count: int, attempt: int, exclude: list[int]) -> GroupBatch:
+            return self._rollout(self._refill_batch(count, attempt=attempt, exclude=exclude))
+
+        generated, outcome = filter_and_refill(
+            first, self.group_filter, num_generations=hp.num_generations, pad_token_id=self.tokenizer.pad_token_id,
+            draw=draw, gather_counts=self._gather_flat, max_extra_generation_rounds=hp.max_extra_generation_rounds,
+            allow_partial=hp.dynamic_sampling_allow_partial, skipped_steps=self.dynamic_sampling_skipped_steps)
+        if outcome.kept.numel() == 0:
             self.dynamic_sampling_skipped_steps += 1
             rank_zero_warn(f"dynamic sampling: a rank kept no group with unequal rewards after "
                            f"max_extra_generation_rounds={hp.max_extra_generation_rounds}; step skipped on every "
                            f"rank ({self.dynamic_sampling_skipped_steps} so far)")
-        metrics = {"dropped_groups": float(counts[:, 1].sum()),
-                   "extra_rounds": float(counts[:, 3].max()),  # the slowest rank's: what the step waited for
-                   "zero_variance_fraction": float(counts[:, 1].sum() / counts[:, 2].sum().clamp(min=1)),
-                   "trained_groups": float(common * counts.shape[0]),
-                   "skipped_steps": float(self.dynamic_sampling_skipped_steps)}
-        return generated, DynamicSamplingOutcome(first_kept(torch.cat(keeps), common), counts[:, 2].tolist(), metrics)
+        return generated, outcome
 
     def _refill_batch(self, count: int, *, attempt: int, exclude: list[int]) -> dict[str, Any]:
         """`count` more prompts from the sampler's round in progress, collated like the loader's batches."""
@@ -502,8 +494,7 @@ class GRPOModule(pl.LightningModule):
         groups instead, so the report's mean signal (what GAIN-RL's update reads) is the measured one.
         """
         stats = torch.stack([measured.sum(), torch.tensor(float(measured.numel()), device=measured.device)])
-        if self.trainer.world_size > 1:
-            stats = self.trainer.strategy.reduce(stats, reduce_op="sum")
+        stats = sum_over_ranks(stats, self.trainer.strategy, self.trainer.world_size)
         if stats[1] > 0:  # a step skipped on every rank measured nothing: it carries the last measured mean
             self._last_angle_signal = float(stats[0] / stats[1])
         signal = torch.full((num_groups,), self._last_angle_signal, device=measured.device)
@@ -561,9 +552,7 @@ class GRPOModule(pl.LightningModule):
             return self._logprobs_batched(self.policy, input_ids, attention, rollout)
 
     def _global_token_count(self, mask: torch.Tensor) -> float:
-        count = mask.sum().to(torch.float32)
-        if self.trainer.world_size > 1:
-            count = self.trainer.strategy.reduce(count, reduce_op="sum")
+        count = sum_over_ranks(mask.sum().to(torch.float32), self.trainer.strategy, self.trainer.world_size)
         return max(float(count), 1.0)
 
     def _report_rollout(self, generated: GroupBatch, dynamic: DynamicSamplingOutcome | None, step_metrics, *,
@@ -590,28 +579,15 @@ class GRPOModule(pl.LightningModule):
         report = {k: self._gather_flat(v, groups) for k, v in local.items()}
         self.last_rollout_report = report
 
-        totals = self._gather_flat(rewards.total, rows)
-        per_fn = self._gather_flat(rewards.per_function, rows)
-        lengths = self._gather_flat(rollout.completion_mask.sum(dim=1).float(), rows)
-        truncated = self._gather_flat(rollout.truncated.float(), rows)
         zero_std = self._gather_flat((rewards.total.view(-1, G).std(dim=1) < 1e-6).float(), groups)
-        log = {"reward/total": totals.mean(), "reward/total_std": totals.std(),
-               "reward/accuracy": report["accuracy"].mean(), "reward/zero_std_groups": zero_std.mean(),
-               "completions/mean_length": lengths.mean(), "completions/min_length": lengths.min(),
-               "completions/max_length": lengths.max(), "completions/truncated_fraction": truncated.mean(),
-               "gainrl/angle_signal": report["signal"].mean(),
-               "perf/generation_tokens_per_s": gen_tokens / max(rollout.seconds, 1e-9),
-               "perf/train_tokens_per_s": train_tokens / max(train_seconds, 1e-9),
-               "train/nonfinite_updates": float(self.nonfinite_total)}
-        for j, name in enumerate(self.reward_names):
-            log[f"reward/{name}/mean"] = per_fn[..., j].nanmean() if per_fn.dim() > 1 else per_fn.nanmean()
-            log[f"reward/{name}/std"] = per_fn[..., j].std() if per_fn.dim() > 1 else per_fn.std()
-        for key, count in rewards.errors.items():
-            log[f"reward/{key}/errors"] = float(count)
-        if dynamic is not None:
-            log.update({f"dynamic_sampling/{key}": value for key, value in dynamic.metrics.items()})
-        for key, values in step_metrics.items():
-            log[f"train/{key}"] = sum(values) / len(values)
+        log = rollout_metrics(
+            totals=self._gather_flat(rewards.total, rows), per_function=self._gather_flat(rewards.per_function, rows),
+            reward_names=self.reward_names, reward_errors=rewards.errors, accuracy=report["accuracy"],
+            signal=report["signal"], lengths=self._gather_flat(rollout.completion_mask.sum(dim=1).float(), rows),
+            truncated=self._gather_flat(rollout.truncated.float(), rows), zero_std=zero_std,
+            generation_tokens=gen_tokens, generation_seconds=rollout.seconds, train_tokens=train_tokens,
+            train_seconds=train_seconds, nonfinite_updates=self.nonfinite_total, step_metrics=step_metrics,
+            dynamic_metrics=None if dynamic is None else dynamic.metrics)
         if torch.cuda.is_available() and self.device.type == "cuda":
             log["perf/gpu_peak_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         log["train/learning_rate"] = self.optimizers().param_groups[0]["lr"]
@@ -634,19 +610,8 @@ class GRPOModule(pl.LightningModule):
         return torch.nan_to_num(values, nan=0.0) > 0.5
 
     def _gather_flat(self, tensor: torch.Tensor, rows_per_rank: list[int] | None = None) -> torch.Tensor:
-        """All ranks' rows of `tensor`, rank by rank.
-
-        `rows_per_rank` gives each rank's row count when they differ: all_gather needs one shape, so the rows
-        are padded to the longest, gathered, and the padding cut off again.
-        """
-        if self.trainer.world_size == 1:
-            return tensor.detach()
-        if rows_per_rank is None:
-            return self.all_gather(tensor.detach()).reshape(-1, *tensor.shape[1:])
-        padded = tensor.detach().new_zeros((max(rows_per_rank), *tensor.shape[1:]))
-        padded[: tensor.shape[0]] = tensor.detach()
-        gathered = self.all_gather(padded)
-        return torch.cat([gathered[r, :n] for r, n in enumerate(rows_per_rank)])
+        """All ranks' rows of `tensor`, rank by rank (`rows_per_rank` when their row counts differ)."""
+        return gather_rows(tensor, self.all_gather, self.trainer.world_size, rows_per_rank)
 
     # ----------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> None:
@@ -696,12 +661,8 @@ class GRPOModule(pl.LightningModule):
 
     # ----------------------------------------------------------------- checkpoints
     def _checkpoint_keys(self, keys) -> set[str]:
-        """Which of these state_dict keys a checkpoint holds: the trainable adapters with LoRA (frozen base weights
-        are rebuilt from the source model), everything but the reference copy without."""
-        if self.hparams.lora is not None:
-            trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-            return {k for k in keys if k in trainable}
-        return {k for k in keys if not k.startswith("ref_model.")}
+        trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
+        return checkpoint_weight_keys(keys, trainable, lora=self.hparams.lora is not None)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model."""
@@ -715,28 +676,11 @@ class GRPOModule(pl.LightningModule):
         checkpoint["gainrl_rng_states"] = collect_rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        self._check_checkpoint_keys(set(checkpoint.get("state_dict", {})))
+        check_checkpoint_weight_keys(set(checkpoint.get("state_dict", {})),
+                                     self._checkpoint_keys(self.state_dict().keys()))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
-
-    def _check_checkpoint_keys(self, saved: set[str]) -> None:
-        """A strict check of exactly the keys this module saves: a checkpoint of another LoRA/model setting would
-        otherwise resume with fresh adapters in silence (loading is not strict, see __init__)."""
-        expected = self._checkpoint_keys(self.state_dict().keys())
-        missing, unexpected = sorted(expected - saved), sorted(saved - expected)
-        if not missing and not unexpected:
-            return
-
-        def listed(keys: list[str]) -> str:
-            return ", ".join(keys[:5]) + (f" and {len(keys) - 5} more" if len(keys) > 5 else "")
-
-        parts = [f"{len(missing)} missing ({listed(missing)})"] if missing else []
-        parts += [f"{len(unexpected)} unexpected ({listed(unexpected)})"] if unexpected else []
-        raise RuntimeError(
-            f"the checkpoint does not match this model: {'; '.join(parts)} weight key(s). It was saved with another "
-            "model, `lora` setting (r, target_modules) or full fine-tuning vs LoRA; resume with the settings it was "
-            "trained with (its hyper-parameters are under `hyper_parameters` in the checkpoint).")
 
     def save_hf(self, directory: str) -> None:
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""

@@ -25,8 +25,8 @@ import torch
 from torch import nn
 
 from gainrl_pl.angles import angle_concentration, weighted_score
+from gainrl_pl.data.prompts import PromptSegments
 from gainrl_pl.models import position_ids_from_mask
-from gainrl_pl.prompts import PromptSegments
 
 SITES = ("mlp_input", "layer_output")
 """`mlp_input`: input of the layer's MLP = output of its post-attention norm (paper, default);
@@ -68,6 +68,22 @@ def _find_body_and_layers(model: nn.Module) -> tuple[nn.Module, nn.ModuleList]:
 def find_decoder_layers(model: nn.Module) -> nn.ModuleList:
     """The decoder layers of a HF causal LM (plain or peft-wrapped); ValueError if it has none."""
     return _find_body_and_layers(model)[1]
+
+
+def check_site(site: str) -> str:
+    """`site` if it is one of `SITES`; ValueError naming the allowed ones otherwise."""
+    if site not in SITES:
+        raise ValueError(f"site={site!r} is not a scoring site; allowed: {', '.join(SITES)}")
+    return site
+
+
+def decoder_layer(layers: nn.ModuleList, layer: int) -> nn.Module:
+    """Decoder layer `layer` (negative counts from the end); ValueError naming the allowed range otherwise."""
+    n = len(layers)
+    if not -n <= layer < n:
+        raise ValueError(f"layer={layer} is out of range for a model with {n} decoder layers "
+                         f"(allowed: {-n}..{n - 1})")
+    return layers[layer]
 
 
 def _model_device(model: nn.Module) -> torch.device:
@@ -113,20 +129,15 @@ class AngleScorer:
     def __init__(self, model: nn.Module, tokenizer, *, layer: int = -1, site: str = "mlp_input",
                  batch_size: int = 16, w_intra: float = 1.0, w_inter: float = 1.0, intra_diagonal: bool = True,
                  show_progress: bool = True) -> None:
-        if site not in SITES:
-            raise ValueError(f"site={site!r} is not a scoring site; allowed: {', '.join(SITES)}")
+        check_site(site)
         if batch_size < 1:
             raise ValueError(f"batch_size={batch_size} must be >= 1")
         self.body, layers = _find_body_and_layers(model)
-        n = len(layers)
-        if not -n <= layer < n:
-            raise ValueError(f"layer={layer} is out of range for a model with {n} decoder layers "
-                             f"(allowed: {-n}..{n - 1})")
+        block = decoder_layer(layers, layer)
         self.model, self.tokenizer = model, tokenizer
         self.layer, self.site, self.batch_size = layer, site, batch_size
         self.w_intra, self.w_inter, self.intra_diagonal = w_intra, w_inter, intra_diagonal
         self.show_progress = show_progress
-        block = layers[layer]
         self._hook_module = block.mlp if site == "mlp_input" else block
         if tokenizer.pad_token_id is None:
             raise ValueError("the tokenizer has no pad token; set tokenizer.pad_token (e.g. to eos)")
@@ -206,14 +217,6 @@ class AngleScorer:
 
 
 # --------------------------------------------------------------------- ranking
-def rank_scores(scores: Sequence[PromptScore]) -> list[int]:
-    """Positions in `scores`, highest score first; ties by `index`; NaN scores last (never first)."""
-    def key(i: int):
-        s = scores[i].score
-        nan = s != s
-        return (nan, 0.0 if nan else -s, scores[i].index, i)
-
-    return sorted(range(len(scores)), key=key)
 
 
 def _ranks(values: Sequence[float]) -> list[float]:

@@ -102,7 +102,7 @@ def main() -> None:
     from gainrl_pl.callbacks import GainRLScheduler
     from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-    from gainrl_pl.model_setup import LoraSettings
+    from gainrl_pl.models import LoraSettings
     from gainrl_pl.module import GRPOModule
 
     pl.seed_everything(0)

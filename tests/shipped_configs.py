@@ -19,7 +19,7 @@ from pathlib import Path
 
 import yaml
 
-from gainrl_pl.data_loading import looks_like_hub_id, resolve_data_path
+from gainrl_pl.data.loading import looks_like_hub_id, resolve_data_path
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((REPO / "configs").glob("*.yaml"))

@@ -1,4 +1,4 @@
-"""The generated arithmetic set (gainrl_pl.arithmetic) and the files shipped in data/arithmetic."""
+"""The generated arithmetic set (gainrl_pl.data.arithmetic) and the files shipped in data/arithmetic."""
 
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ from collections import Counter
 
 import pytest
 
-from gainrl_pl.arithmetic import FAMILIES, STUDY_FAMILIES, generate_arithmetic, generate_study_sets, main
 from gainrl_pl.data import REPO_ROOT, build_examples, load_rows
+from gainrl_pl.data.arithmetic import FAMILIES, STUDY_FAMILIES, generate_arithmetic, generate_study_sets, main
 
 DATA = REPO_ROOT / "data" / "arithmetic"
 

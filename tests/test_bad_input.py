@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from gainrl_pl.data import DataError, build_examples, load_rows
-from gainrl_pl.prompts import PromptTooLongError, build_prompt, get_prompt_template
+from gainrl_pl.data.prompts import PromptTooLongError, build_prompt, get_prompt_template
 from gainrl_pl.rewards import (
     LengthPenalty,
     RewardComputer,

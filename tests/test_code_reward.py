@@ -1,4 +1,4 @@
-"""gainrl_pl.code_reward and gainrl_pl.code_data: program extraction, test plans, scores, parallel batches,
+"""gainrl_pl.rewards.code and gainrl_pl.data.code: program extraction, test plans, scores, parallel batches,
 and the shipped problems (each reference solution must score 1)."""
 
 from __future__ import annotations
@@ -7,7 +7,8 @@ import time
 
 import pytest
 
-from gainrl_pl.code_data import (
+from gainrl_pl.data import build_examples
+from gainrl_pl.data.code import (
     CODE_DATASET_PRESET,
     CODE_PRESETS,
     CODE_PROMPT,
@@ -18,8 +19,7 @@ from gainrl_pl.code_data import (
     normalize_code_row,
     prompt_imports,
 )
-from gainrl_pl.code_reward import CodeExecutionReward, code_execution_reward, extract_program, parse_tests
-from gainrl_pl.data import build_examples
+from gainrl_pl.rewards.code import CodeExecutionReward, code_execution_reward, extract_program, parse_tests
 
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(0, 0) == 0\nassert add(-1, 1) == 0\nassert add(2, 2) == 4\n"
 GOOD = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
@@ -121,7 +121,7 @@ def test_columns_answer_fallback_and_setup_code(reward):
         reward(["", ""], [program, program], tests=[tests])
     assert reward.__name__ == "code_execution_reward" == code_execution_reward.__name__
     assert CodeExecutionReward(name="code").__name__ == "code"
-    assert f"{reward.__module__}.{reward.__qualname__}" == "gainrl_pl.code_reward.CodeExecutionReward"
+    assert f"{reward.__module__}.{reward.__qualname__}" == "gainrl_pl.rewards.code.CodeExecutionReward"
 
 
 def test_a_batch_does_not_wait_behind_an_infinite_loop():

@@ -7,8 +7,8 @@ import pytest
 from gainrl_pl.callbacks import GainRLScheduler
 from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-from gainrl_pl.code_reward import CodeExecutionReward
 from gainrl_pl.module import GRPOModule
+from gainrl_pl.rewards.code import CodeExecutionReward
 
 
 class RecordedReward(CodeExecutionReward):

@@ -16,7 +16,7 @@ import yaml
 from shipped_configs import CONFIGS, REPO, cpu_swaps
 
 from gainrl_pl.cli import run_lightning_cli
-from gainrl_pl.data_loading import looks_like_hub_id
+from gainrl_pl.data.loading import looks_like_hub_id
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=[c.stem for c in CONFIGS])
@@ -46,7 +46,7 @@ def test_shipped_config_trains_one_step_on_cpu(config, tiny_model_dir, tmp_path,
 def test_no_shipped_config_or_user_document_names_the_development_folder():
     """`../shared` exists only in the developers' layout; a user's clone has none."""
     readable = [*CONFIGS, REPO / "README.md", REPO / "Makefile", *sorted((REPO / "docs").glob("*.md")),
-                *sorted((REPO / "benchmarks").glob("*.py")), *sorted((REPO / "gainrl_pl").glob("*.py")),
+                *sorted((REPO / "benchmarks").glob("*.py")), *sorted((REPO / "gainrl_pl").rglob("*.py")),
                 REPO / "datamodules" / "gainrl.py"]
     offenders = [str(p.relative_to(REPO)) for p in readable if "../shared" in p.read_text() or
                  re.search(r"parent\s*/\s*\"shared\"", p.read_text())]

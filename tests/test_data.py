@@ -1,4 +1,4 @@
-"""Data loading, presets and bad-row handling (gainrl_pl.data): every shipped set, every format, bad input."""
+"""Data loading, presets and bad-row handling (gainrl_pl.data.examples): every shipped set, every format, bad input."""
 
 from __future__ import annotations
 

@@ -19,7 +19,7 @@ from gainrl_pl.data import (
     parse_hub_source,
     resolve_data_path,
 )
-from gainrl_pl.eval_sets import BENCHMARKS, load_benchmark
+from gainrl_pl.evaluation.sets import BENCHMARKS, load_benchmark
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -14,7 +14,10 @@ from gainrl_pl.callbacks import GainRLScheduler
 from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
 import gainrl_pl.module as module_code
-from gainrl_pl.dynamic_sampling import (
+from gainrl_pl.module import GRPOModule
+from gainrl_pl.rewards import RewardOutput
+from gainrl_pl.rollout import Rollout
+from gainrl_pl.schedules.dynamic_sampling import (
     agree_on_group_count,
     concat_batches,
     concat_rewards,
@@ -22,9 +25,6 @@ from gainrl_pl.dynamic_sampling import (
     first_kept,
     select_rollout,
 )
-from gainrl_pl.module import GRPOModule
-from gainrl_pl.rewards import RewardOutput
-from gainrl_pl.rollout import Rollout
 
 G = 4
 PROMPTS_PER_STEP = 4

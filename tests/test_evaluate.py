@@ -8,12 +8,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from gainrl_pl import evaluate as evaluate_module
-from gainrl_pl.eval_backends import ModelSpec, TransformersBackend, load_backend, resolve_model_spec
-from gainrl_pl.eval_results import read_samples, repair_tail
-from gainrl_pl.eval_sets import BENCHMARKS, load_benchmark
-from gainrl_pl.evaluate import evaluate, resolve_shard
-from gainrl_pl.metrics import pass_at_k, wilson_interval
+from gainrl_pl.evaluation import evaluate as evaluate_module
+from gainrl_pl.evaluation.backends import ModelSpec, TransformersBackend, load_backend, resolve_model_spec
+from gainrl_pl.evaluation.evaluate import evaluate, resolve_shard
+from gainrl_pl.evaluation.metrics import pass_at_k, wilson_interval
+from gainrl_pl.evaluation.results import read_samples, repair_tail
+from gainrl_pl.evaluation.sets import BENCHMARKS, load_benchmark
 from gainrl_pl.rewards import AccuracyReward, accuracy_reward, extract_prediction
 
 GEN = {"max_new_tokens": 12, "progress": False}

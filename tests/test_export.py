@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from gainrl_pl.export import main as export_main
-from gainrl_pl.export import merge_adapter
+from gainrl_pl.evaluation.export import main as export_main
+from gainrl_pl.evaluation.export import merge_adapter
 
 TOKENS = torch.tensor([[5, 17, 42, 99, 3, 250, 7, 64, 11, 300], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10]])
 
@@ -59,8 +59,7 @@ def test_qlora_adapter_merges_into_the_dequantized_base(tiny_model_dir, tmp_path
     pytest.importorskip("bitsandbytes")
     from transformers import AutoModelForCausalLM
 
-    from gainrl_pl.model_setup import QuantizationSettings, disable_bnb_cpu_repacking
-    from gainrl_pl.models import load_model
+    from gainrl_pl.models import QuantizationSettings, disable_bnb_cpu_repacking, load_model
 
     quant = QuantizationSettings(compute_dtype="float32")
     base4 = load_model(str(tiny_model_dir), quantization_config=quant.to_bitsandbytes())

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from gainrl_pl.group_filter import GroupFilter, zero_variance_groups
+from gainrl_pl.schedules.group_filter import GroupFilter, zero_variance_groups
 
 
 def groups(pattern: str, g: int = 4) -> torch.Tensor:

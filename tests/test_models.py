@@ -40,3 +40,16 @@ def test_builtin_model_converts_and_reloads():
     assert model.config.num_hidden_layers == 30 and model.config.hidden_size == 576
     assert not hasattr(model.config, "quantization_config")
     assert "<|im_start|>" in tok.chat_template
+
+
+def test_checkpoint_weight_keys_and_the_strict_check():
+    from gainrl_pl.models import check_checkpoint_weight_keys, checkpoint_weight_keys
+
+    keys = ["policy.a.lora_A", "policy.a.weight", "ref_model.a.weight"]
+    assert checkpoint_weight_keys(keys, {"policy.a.lora_A"}, lora=True) == {"policy.a.lora_A"}
+    assert checkpoint_weight_keys(keys, set(), lora=False) == {"policy.a.lora_A", "policy.a.weight"}
+    check_checkpoint_weight_keys({"policy.a.lora_A"}, {"policy.a.lora_A"})  # a match passes
+    expected = {f"policy.l{i}.lora_A" for i in range(7)}
+    with pytest.raises(RuntimeError, match=r"7 missing \(policy.l0.lora_A, .* and 2 more\); 1 unexpected "
+                                           r"\(policy.x\) weight key\(s\)"):
+        check_checkpoint_weight_keys({"policy.x"}, expected)

@@ -10,7 +10,7 @@ import torch
 from gainrl_pl.callbacks import GainRLScheduler
 from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
-from gainrl_pl.model_setup import LoraSettings, QuantizationSettings
+from gainrl_pl.models import LoraSettings, QuantizationSettings
 from gainrl_pl.module import GRPOModule
 
 

@@ -35,7 +35,7 @@ def test_lost_update_fraction_predicts_what_bf16_arithmetic_does():
 
 
 def test_lora_adapters_stay_fp32_on_a_bf16_base_and_under_4bit(tiny_model_dir):
-    from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy
+    from gainrl_pl.models import LoraSettings, QuantizationSettings, build_policy
 
     for quantization in (None, QuantizationSettings(compute_dtype="bfloat16")):
         policy = build_policy(str(tiny_model_dir), dtype="bfloat16", lora=LoraSettings(r=4), quantization=quantization)

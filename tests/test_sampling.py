@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from scipy.stats import chi2_contingency, chisquare
 from torch.utils.data import DataLoader
 
-from gainrl_pl.sampling import (
+from gainrl_pl.schedules import (
     SAMPLER_NAMES,
     AdaRFTSampler,
     GaussianRankSampler,
@@ -490,3 +490,13 @@ def test_ranking_from_values():
     assert ranking_from_values([0.2, 0.9, 0.9, 0.1], descending=True) == [1, 2, 0, 3]
     with pytest.raises(ValueError, match="values\\[1\\]"):
         ranking_from_values([1.0, math.inf])
+
+
+def test_sigma_is_checked_in_one_place_for_the_config_and_the_sampler():
+    from gainrl_pl.datamodules import ScheduleSettings
+
+    for bad in (0.0, -1.0, math.nan, math.inf):
+        with pytest.raises(ValueError, match=r"schedule\.sigma=.* must be > 0: ranks if > 1, a fraction of N"):
+            ScheduleSettings(name="angle", sigma=bad)
+        with pytest.raises(ValueError, match=r"^sigma=.* must be > 0: ranks if > 1, a fraction of N"):
+            GaussianRankSampler(num_prompts=10, subset_size=4, batch_size=2, sigma=bad)

@@ -1,4 +1,4 @@
-"""gainrl_pl.sandbox: limits, timeouts and isolation, checked by running hostile programs; what honest programs
+"""gainrl_pl.rewards.sandbox: limits, timeouts and isolation, checked by running hostile programs; what honest programs
 can do through the judge (the process that runs the tests); the wire format between them.
 
 Every hostile program guards itself: it first checks that the limit meant to stop it is in force and
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import pytest
 
-from gainrl_pl import sandbox_child
-from gainrl_pl.sandbox import BUBBLEWRAP_PREFIX, DEFAULT_UID_BASE, Sandbox, SandboxLimits, free_names
+from gainrl_pl.rewards import sandbox_child
+from gainrl_pl.rewards.sandbox import BUBBLEWRAP_PREFIX, DEFAULT_UID_BASE, Sandbox, SandboxLimits, free_names
 
 REPO = Path(__file__).resolve().parents[1]
 DEFINE_F = "\ndef f():\n    return 1\n"
@@ -449,7 +449,7 @@ def test_rlimits_mode_basics():
 DRIVER = textwrap.dedent("""
     import json, os, sys
     sys.path.insert(0, sys.argv[1])
-    from gainrl_pl.sandbox import Sandbox, SandboxLimits
+    from gainrl_pl.rewards.sandbox import Sandbox, SandboxLimits
     sandbox = Sandbox(SandboxLimits(timeout_s=2), isolation="auto")
     define_f, steps = "\\ndef f():\\n    return 1\\n", [("assert f() == 1", True)]
     programs = {

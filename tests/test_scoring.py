@@ -8,14 +8,13 @@ import sys
 import pytest
 import torch
 
-from gainrl_pl.prompts import build_prompt, get_prompt_template
-from gainrl_pl.scheduling import angle_ranking
+from gainrl_pl.data.prompts import build_prompt, get_prompt_template
+from gainrl_pl.schedules.rankings import angle_ranking, rank_scores
 from gainrl_pl.scoring import (
     AngleScorer,
     PromptScore,
     ScoreCache,
     find_decoder_layers,
-    rank_scores,
     ranking_summary,
     spearman,
 )

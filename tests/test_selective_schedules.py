@@ -12,8 +12,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from scipy.stats import beta as beta_dist
 
-from gainrl_pl.sampling import SAMPLER_NAMES, RoundSampler, UniformSampler, build_sampler
-from gainrl_pl.selective_schedules import (
+from gainrl_pl.schedules import SAMPLER_NAMES, RoundSampler, UniformSampler, build_sampler
+from gainrl_pl.schedules.selective import (
     GRESOSampler,
     MoPPSSampler,
     adapt_exploration,

@@ -61,7 +61,7 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
 def test_fp32_validation_casts_and_restores_exactly(tiny_model_dir):
     """Around validation every bf16 tensor is fp32; afterwards dtypes and values are exactly as before, and the
     Parameter objects (which the optimizer holds) are the same objects."""
-    from gainrl_pl.model_setup import LoraSettings, build_policy
+    from gainrl_pl.models import LoraSettings, build_policy
 
     policy = build_policy(str(tiny_model_dir), dtype="bfloat16", lora=LoraSettings(r=4, alpha=8))
     before = {n: (p, p.dtype, p.detach().clone()) for n, p in policy.named_parameters()}

@@ -1,11 +1,11 @@
-"""Curve metrics, the paired bootstrap and the power analysis of the schedule study (gainrl_pl.study_stats)."""
+"""Curve metrics, the paired bootstrap and the power analysis of the schedule study (gainrl_pl.evaluation.study_stats)."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-from gainrl_pl.study_stats import (
+from gainrl_pl.evaluation.study_stats import (
     curve_area,
     final_accuracy,
     minimum_detectable_difference,

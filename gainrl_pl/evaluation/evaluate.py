@@ -5,7 +5,7 @@
     gainrl-pl evaluate --adapter ADAPTER_DIR --num-samples 8 --temperature 0.6 --benchmark aime24 --output OUT
     gainrl-pl evaluate --model DIR --data my.jsonl --question-field q --answer-field a --output OUT
     gainrl-pl evaluate --benchmark gsm8k --answer-extraction flexible --output OUT    # last box, else last number
-    torchrun --nproc-per-node 4 -m gainrl_pl.evaluate --checkpoint X.ckpt --benchmark math500 --output OUT
+    torchrun --nproc-per-node 4 -m gainrl_pl.evaluation.evaluate --checkpoint X.ckpt --benchmark math500 --output OUT
 
 Each benchmark gets `OUT/<benchmark>/` with `samples.jsonl` (one line per prompt, appended as it goes, so
 a rerun resumes), `summary.json` and `summary.md`; `OUT/summary.md` tables every benchmark in OUT.
@@ -28,8 +28,7 @@ from typing import Any
 
 import torch
 
-from gainrl_pl.answer_check import ANSWER_EXTRACTIONS, DEFAULT_ANSWER_EXTRACTION, check_answer_extraction
-from gainrl_pl.eval_backends import (
+from gainrl_pl.evaluation.backends import (
     BACKENDS,
     LazyBackend,
     ModelSpec,
@@ -37,7 +36,7 @@ from gainrl_pl.eval_backends import (
     resolve_eval_dtype,
     resolve_model_spec,
 )
-from gainrl_pl.eval_results import (
+from gainrl_pl.evaluation.results import (
     check_run_config,
     collect_samples,
     markdown_table,
@@ -48,7 +47,8 @@ from gainrl_pl.eval_results import (
     write_json_atomic,
     write_summary,
 )
-from gainrl_pl.eval_sets import BENCHMARKS, load_benchmark
+from gainrl_pl.evaluation.sets import BENCHMARKS, load_benchmark
+from gainrl_pl.rewards.answers import ANSWER_EXTRACTIONS, DEFAULT_ANSWER_EXTRACTION, check_answer_extraction
 
 
 # ----------------------------------------------------------------------------------------------- sharding
@@ -178,7 +178,7 @@ def _run_shard(examples, spec: ModelSpec, backend, out: Path, *, rank: int, worl
     """Generate and score this shard's examples that have no record yet, appending to its samples file."""
     from tqdm.auto import tqdm
 
-    from gainrl_pl.prompts import build_chat_prompt, build_prompt, get_prompt_template
+    from gainrl_pl.data.prompts import build_chat_prompt, build_prompt, get_prompt_template
     from gainrl_pl.rewards import AccuracyReward, extract_prediction
 
     accuracy_reward = AccuracyReward(answer_extraction)
@@ -245,7 +245,7 @@ def write_combined_summary(output_dir: str | Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     """The `gainrl-pl evaluate` argument parser."""
-    from gainrl_pl.prompts import PROMPT_PRESETS
+    from gainrl_pl.data.prompts import PROMPT_PRESETS
 
     p = argparse.ArgumentParser(prog="gainrl-pl evaluate", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -9,7 +9,7 @@ Tests come in two styles, told apart by whether the test code defines `check`:
 - HumanEval style: the test code defines `check(candidate)`; `check(<entry_point>)` is one test case,
   all or nothing.
 
-Each program runs in its own sandboxed process (`gainrl_pl.sandbox`), and its tests in another one, the
+Each program runs in its own sandboxed process (`gainrl_pl.rewards.sandbox`), and its tests in another one, the
 judge, which calls into the program and decides every verdict itself: a program cannot report a test as
 passed, patch the tests' builtins or hand them an object that equals everything (docs/sandbox.md,
 "Verdicts"). Many programs run at once on a bounded thread pool, so one infinite loop costs one worker one
@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
-from gainrl_pl.sandbox import DEFAULT_UID_BASE, Sandbox, SandboxLimits, SandboxResult, free_names
+from gainrl_pl.rewards.sandbox import DEFAULT_UID_BASE, Sandbox, SandboxLimits, SandboxResult, free_names
 
 # ```python / ```py / ```python3 (any case), then the code up to a closing fence or the end of the text:
 # a completion cut off by max_new_tokens inside its block still yields the code it has.
@@ -166,7 +166,7 @@ class CodeExecutionReward:
         max_workers: Programs run at once; `None` = the CPUs this process may use. More workers than
             cores make CPU-bound programs share cores and hit `timeout_s` sooner.
         all_or_nothing: Reward 1 only when every test case passes, else 0.
-        isolation: `auto`, `namespaces` or `rlimits` (see `gainrl_pl.sandbox.Sandbox` and docs/sandbox.md).
+        isolation: `auto`, `namespaces` or `rlimits` (see `gainrl_pl.rewards.sandbox.Sandbox` and docs/sandbox.md).
         command_prefix: argv run before the interpreter, to use a stronger sandbox (bubblewrap, a
             container); `{scratch}` is replaced by the run's scratch directory. See docs/sandbox.md.
         python_executable: Interpreter for the programs; `None` = the training process's own.
@@ -243,4 +243,4 @@ class CodeExecutionReward:
 
 
 code_execution_reward = CodeExecutionReward()
-"""The default code reward (5 s, 1 GiB per program); use as `rewards: [gainrl_pl.code_reward.code_execution_reward]`."""
+"""The default code reward (5 s, 1 GiB per program); use as `rewards: [gainrl_pl.rewards.code.code_execution_reward]`."""

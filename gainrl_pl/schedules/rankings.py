@@ -1,32 +1,50 @@
-"""Rankings for the data schedules, and the schedule plot: the work behind the GainRLScheduler callback."""
+"""Rankings for the data schedules, and the schedule plot: the work behind the GainRLScheduler callback.
+
+A ranking is a list of prompt positions, best first. `angle_ranking` scores the prompts by angle concentration
+(spec sections 2, 3, 8) and orders them with `rank_scores`; `ranking_from_values` orders them by any other
+per-prompt value (question length, a difficulty, a pass rate).
+"""
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import torch
+import numpy as np
 
-from gainrl_pl.scoring import AngleScorer, ScoreCache, rank_scores, ranking_summary
-
-
-def _gather_objects(obj: Any) -> list[Any]:
-    """all_gather for picklable objects when torch.distributed is up; [obj] otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        out: list[Any] = [None] * torch.distributed.get_world_size()
-        torch.distributed.all_gather_object(out, obj)
-        return out
-    return [obj]
+from gainrl_pl.distributed import from_rank_zero, gather_objects
+from gainrl_pl.scoring import AngleScorer, PromptScore, ScoreCache, ranking_summary
 
 
-def _from_rank_zero(obj: Any) -> Any:
-    """Rank 0's `obj` on every rank when torch.distributed is up; `obj` otherwise."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        box = [obj]
-        torch.distributed.broadcast_object_list(box, src=0)
-        return box[0]
-    return obj
+def ranking_from_values(values: Sequence[float], descending: bool = False) -> list[int]:
+    """Positions ordered by a per-prompt value, ties by position (stable).
+
+    Ascending (default) puts the smallest value first: question length for `length` (shortest first), a
+    difficulty for `accuracy_curriculum`; `descending=True` for a pass rate (easiest first) or an angle score.
+
+    Args:
+        values: One finite number per prompt.
+        descending: Largest value first.
+    """
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim != 1:
+        raise ValueError(f"values must be one number per prompt, got shape {arr.shape}")
+    bad = np.flatnonzero(~np.isfinite(arr))
+    if bad.size:
+        raise ValueError(f"values[{int(bad[0])}]={arr[bad[0]]} is not finite; every prompt needs a number to be ranked")
+    return [int(i) for i in np.argsort(-arr if descending else arr, kind="stable")]
+
+
+def rank_scores(scores: Sequence[PromptScore]) -> list[int]:
+    """Positions in `scores`, highest score first; ties by `index`; NaN scores last (never first)."""
+    def key(i: int):
+        s = scores[i].score
+        nan = s != s
+        return (nan, 0.0 if nan else -s, scores[i].index, i)
+
+    return sorted(range(len(scores)), key=key)
 
 
 def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: int = -1, site: str = "mlp_input",
@@ -48,7 +66,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
     if cache is not None:
         key = cache.key(model, segments, layer=layer, site=site, w_intra=w_intra, w_inter=w_inter,
                         intra_diagonal=intra_diagonal, model_id=model_id)
-        cached = _from_rank_zero(cache.load(key) if rank == 0 else None)
+        cached = from_rank_zero(cache.load(key) if rank == 0 else None)
         if cached is not None:
             return rank_scores(cached), cached, ranking_summary(cached, [it["question_tokens"] for it in items])
     scorer = AngleScorer(model, tokenizer, layer=layer, site=site, batch_size=batch_size, w_intra=w_intra,
@@ -56,7 +74,7 @@ def angle_ranking(model, tokenizer, items: list[dict], strategy=None, *, layer: 
     mine = list(range(rank, len(items), world))
     local = scorer.score([segments[i] for i in mine])
     pairs = list(zip(mine, local, strict=True))
-    merged = sorted((p for part in _gather_objects(pairs) for p in part), key=lambda p: p[0])
+    merged = sorted((p for part in gather_objects(pairs) for p in part), key=lambda p: p[0])
     results = [_reindex(s, pos) for pos, s in merged]
     summary = ranking_summary(results, [it["question_tokens"] for it in items])
     if cache is not None and rank == 0:

@@ -1,7 +1,7 @@
 """Baseline data schedules on the `RoundSampler` contract: uniform (vanilla GRPO), AdaRFT, pass-rate priority.
 
 GAIN-RL's own schedule, `GaussianRankSampler`, and the name -> class factory `build_sampler` are in
-`gainrl_pl.sampling`, which re-exports these classes. No Lightning and no model here.
+`gainrl_pl.schedules.gaussian`, which re-exports these classes. No Lightning and no model here.
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from gainrl_pl.round_sampler import RoundSampler, finite_mean, top_k_without_replacement
+from gainrl_pl.schedules.base import RoundSampler, finite_mean, top_k_without_replacement
 
 
 class UniformSampler(RoundSampler):

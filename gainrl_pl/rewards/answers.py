@@ -7,7 +7,7 @@ exact-number path and hard caps, because sympy can take unbounded time on hostil
 budget bounds every call.
 
 No torch and no Lightning here, so the answer-checking worker process (`_MatchWorker`) starts quickly.
-The reward functions built on these live in `gainrl_pl.rewards`, which re-exports every public name here.
+The reward functions built on these live in `gainrl_pl.rewards.computer`, which re-exports every public name here.
 """
 
 from __future__ import annotations
@@ -297,10 +297,10 @@ class _MatchWorker:
 
     def _start(self) -> subprocess.Popen:
         env = dict(os.environ)
-        root = str(Path(__file__).resolve().parents[1])
+        root = str(Path(__file__).resolve().parents[2])
         env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from gainrl_pl.answer_check import _serve; _serve()"],
+            [sys.executable, "-c", "from gainrl_pl.rewards.answers import _serve; _serve()"],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,

@@ -3,7 +3,7 @@
     examples, source = load_benchmark("gsm8k", limit=200)          # the first 200 GSM8K test problems
     examples, source = load_benchmark(None, data="my.jsonl", question_field="q", answer_field="a")
 
-Answers are parsed by the same dataset presets training uses (`gainrl_pl.data`), so a GSM8K gold is the
+Answers are parsed by the same dataset presets training uses (`gainrl_pl.data.examples`), so a GSM8K gold is the
 number after `####` here exactly as it is in a training reward.
 """
 

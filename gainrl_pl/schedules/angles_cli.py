@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from gainrl_pl.data import DATASET_PRESETS
+from gainrl_pl.scoring import SITES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -33,7 +34,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--on-bad-row", default="raise", choices=["raise", "skip"], help="malformed rows: raise or skip")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per forward")
     p.add_argument("--layer", type=int, default=-1, help="decoder layer (negative counts from the end)")
-    p.add_argument("--site", default="mlp_input", choices=["mlp_input", "layer_output"])
+    p.add_argument("--site", default="mlp_input", choices=SITES)
     p.add_argument("--intra-weight", type=float, default=1.0, help="weight of C_intra (paper 1)")
     p.add_argument("--inter-weight", type=float, default=1.0, help="weight of C_inter (paper 1, reference script 8)")
     p.add_argument("--no-intra-diagonal", action="store_true", help="C_intra over i != j pairs only")
@@ -50,7 +51,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from gainrl_pl.datamodules import GainRLDataModule
     from gainrl_pl.models import load_model
-    from gainrl_pl.scheduling import angle_ranking
+    from gainrl_pl.schedules.rankings import angle_ranking
 
     if args.threads:
         torch.set_num_threads(args.threads)

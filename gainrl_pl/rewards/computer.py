@@ -4,9 +4,7 @@ A reward function that raises, returns the wrong number of values, or returns Na
 here and either stops the run with `RewardFunctionError` naming the function and the sample, or counts the
 value as 0 (`on_error="zero"`): a bad reward never reaches the advantages silently.
 
-This is the import surface for rewards: the built-in functions and registry (`gainrl_pl.reward_functions`)
-and answer extraction/checking (`gainrl_pl.answer_check`) are re-exported, so
-`from gainrl_pl.rewards import accuracy_reward, answers_match` works.
+The import surface for rewards is the package, `gainrl_pl.rewards`.
 """
 
 from __future__ import annotations
@@ -18,30 +16,13 @@ from typing import Any
 
 import torch
 
-from gainrl_pl.answer_check import (
-    ANSWER_EXTRACTIONS,
-    DEFAULT_ANSWER_EXTRACTION,
-    DEFAULT_TIMEOUT_SECONDS,
-    MAX_ANSWER_CHARS,
-    MAX_ANSWER_NESTING,
-    answers_match,
+from gainrl_pl.rewards.answers import (
     completion_text,
-    extract_boxed,
-    extract_gsm8k_answer,
-    extract_prediction,
-    gold_answer,
-    last_number,
 )
-from gainrl_pl.reward_functions import (
-    REWARD_FUNCTIONS,
+from gainrl_pl.rewards.functions import (
     AccuracyReward,
-    FormatReward,
-    LengthPenalty,
     RewardFunction,
-    accuracy_reward,
-    format_reward,
     get_reward_function,
-    length_penalty,
 )
 
 
@@ -350,13 +331,3 @@ class RewardComputer:
                 )
             return [0.0] * n, n
         return values, bad
-
-
-__all__ = [
-    "ANSWER_EXTRACTIONS", "COMPLETION_FORMATS", "DEFAULT_ANSWER_EXTRACTION", "DEFAULT_TIMEOUT_SECONDS",
-    "MAX_ANSWER_CHARS", "MAX_ANSWER_NESTING", "REWARD_FUNCTIONS", "AccuracyReward", "ChatInputs", "FormatReward",
-    "LengthPenalty", "RewardComputer", "RewardFunction", "RewardFunctionError", "RewardOutput", "accuracy_reward",
-    "answers_match", "as_chat_completions", "completion_text", "extract_boxed", "extract_gsm8k_answer",
-    "extract_prediction", "format_reward", "get_reward_function", "gold_answer", "last_number", "length_penalty",
-    "wants_chat",
-]

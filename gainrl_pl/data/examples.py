@@ -5,10 +5,9 @@
     rows = load_rows("openai/gsm8k:main:train")               # a hub dataset (needs internet once)
 
 No Lightning here: the DataModule (`gainrl_pl.datamodules`) turns examples into prompts and samplers.
-The generated arithmetic set lives in `gainrl_pl.arithmetic`.
+The generated arithmetic set lives in `gainrl_pl.data.arithmetic`.
 
-Reading files is `gainrl_pl.data_loading`; `load_rows`, `resolve_data_path`, `DataError` and the other
-loading names are re-exported here, so `from gainrl_pl.data import load_rows` keeps working.
+Reading files is `gainrl_pl.data.loading`; the import surface for both is the package, `gainrl_pl.data`.
 """
 
 from __future__ import annotations
@@ -17,18 +16,12 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from gainrl_pl.data_loading import (
-    FORMATS,
-    REPO_ROOT,
+from gainrl_pl.data.loading import (
     DataError,
     int_text,
-    load_rows,
-    looks_like_hub_id,
-    parse_hub_source,
-    resolve_data_path,
     snippet,
 )
-from gainrl_pl.prompts import invalid_unicode_position, question_turn
+from gainrl_pl.data.prompts import invalid_unicode_position, question_turn
 
 
 # ----------------------------------------------------------------------------------------------- presets
@@ -44,7 +37,7 @@ def parse_gsm8k_answer(text: str) -> str:
 
 def parse_boxed_answer(text: str) -> str:
     """A worked solution's final answer: the content of its last `\\boxed{...}` ("" when it has none)."""
-    from gainrl_pl.answer_check import extract_boxed
+    from gainrl_pl.rewards.answers import extract_boxed
 
     return extract_boxed(text) or ""
 
@@ -95,7 +88,7 @@ DATASET_PRESETS: dict[str, DatasetPreset] = {
     # TRL's layout: `prompt` (text, or chat messages: TRL's conversational format) and `solution`, which
     # reward functions such as trl.rewards.accuracy_reward read; `answer` carries the same text for ours
     "trl": DatasetPreset("prompt", "solution", "latex"),
-    # code rows (prompt, tests, entry_point): the tests stand in the answer column; see gainrl_pl.code_data
+    # code rows (prompt, tests, entry_point): the tests stand in the answer column; see gainrl_pl.data.code
     "code": DatasetPreset("prompt", "tests", "identity"),
 }
 
@@ -307,10 +300,3 @@ def build_examples(rows: list, preset_or_fields: DatasetPreset | str | dict, *, 
         report.add(reason, index)
     report.kept = len(examples)
     return examples, report
-
-
-__all__ = [
-    "ANSWER_PARSERS", "DATASET_PRESETS", "FORMATS", "REPO_ROOT", "BadRowReport", "DataError", "DatasetPreset",
-    "Example", "build_examples", "load_rows", "looks_like_hub_id", "parse_boxed_answer", "parse_gsm8k_answer",
-    "parse_hub_source", "resolve_data_path",
-]

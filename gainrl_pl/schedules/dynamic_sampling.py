@@ -3,12 +3,14 @@
 DAPO's dynamic sampling (spec section 9) generates in rounds: the step's own prompts, then refills drawn from
 the sampler, each round a batch of its own width. `GroupBatch` holds one round (or several merged) with its
 prompts, rollout, decoded completions and rewards, row `i` of the rollout belonging to group `i // G`, so the
-module can merge the rounds, report every generated group to the scheduler and train on the kept ones.
-The counting and the cap live in `gainrl_pl.group_filter`; no Lightning here.
+module can merge the rounds, report every generated group to the scheduler and train on the kept ones;
+`filter_and_refill` runs one step's rounds. The counting and the cap live in
+`gainrl_pl.schedules.group_filter`; no Lightning here.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch.nn import functional as F
 
 from gainrl_pl.rewards import RewardOutput
 from gainrl_pl.rollout import Rollout
+from gainrl_pl.schedules.group_filter import GroupFilter
 
 
 @dataclass
@@ -225,5 +228,49 @@ def agree_on_group_count(counts: torch.Tensor, target: int, *, max_extra_generat
     return common
 
 
-__all__ = ["DynamicSamplingOutcome", "GroupBatch", "agree_on_group_count", "completion_rows", "concat_batches",
-           "concat_rewards", "concat_rollouts", "first_kept", "select_batch", "select_rewards", "select_rollout"]
+# ----------------------------------------------------------------------------------------- one step's rounds
+def filter_and_refill(first: GroupBatch, group_filter: GroupFilter, *, num_generations: int, pad_token_id: int,
+                      draw: Callable[[int, int, list[int]], GroupBatch],
+                      gather_counts: Callable[[torch.Tensor], torch.Tensor], max_extra_generation_rounds: int,
+                      allow_partial: bool, skipped_steps: int) -> tuple[GroupBatch, DynamicSamplingOutcome]:
+    """Drop groups whose rewards are all equal and refill from the sampler; returns every generated group.
+
+    Generation has no collectives, so each rank refills on its own and ranks may run different numbers of
+    extra rounds. Then one all_gather of the counts: every rank trains on the first `common` of its kept
+    groups (`common` = the minimum over ranks; the step's own prompts come before refills), so backward
+    runs equally often everywhere; when short at the cap, every rank raises or every rank goes on.
+
+    Args:
+        first: The step's own groups, rewarded.
+        group_filter: Counts kept/dropped groups and says how many prompts to draw next (0 at the cap).
+        draw: `draw(count, attempt, exclude)` -> `count` more groups, rewarded, from prompts not in `exclude`.
+        gather_counts: All ranks' rows of a `[1, 4]` tensor (a collective; identity on one process).
+        skipped_steps: Steps skipped so far (the metric counts this one too when it is skipped).
+
+    Returns:
+        Every generated group merged, and the outcome (`kept` is empty when every rank must skip the step).
+    """
+    G = num_generations
+    target = first.num_groups
+    f = group_filter
+    f.begin(target)
+    parts, keeps = [first], [f.add(first.rewards.total.view(-1, G))]
+    while not f.done:
+        count = f.next_draw_size()  # 0 once the cap is reached
+        if count == 0:
+            break
+        drawn = torch.cat([p.batch["index"] for p in parts]).tolist()
+        parts.append(draw(count, f.step_extra_rounds, drawn))
+        keeps.append(f.add(parts[-1].rewards.total.view(-1, G)))
+    generated = GroupBatch.concat(parts, pad_token_id)
+    local = torch.tensor([[f.kept, f.step_dropped, f.step_seen, f.step_extra_rounds]],
+                         device=first.rewards.total.device)
+    counts = gather_counts(local).reshape(-1, 4).cpu()
+    common = agree_on_group_count(counts, target, max_extra_generation_rounds=max_extra_generation_rounds,
+                                  allow_partial=allow_partial)
+    metrics = {"dropped_groups": float(counts[:, 1].sum()),
+               "extra_rounds": float(counts[:, 3].max()),  # the slowest rank's: what the step waited for
+               "zero_variance_fraction": float(counts[:, 1].sum() / counts[:, 2].sum().clamp(min=1)),
+               "trained_groups": float(common * counts.shape[0]),
+               "skipped_steps": float(skipped_steps + (common == 0))}
+    return generated, DynamicSamplingOutcome(first_kept(torch.cat(keeps), common), counts[:, 2].tolist(), metrics)

@@ -5,10 +5,10 @@ reach (~0 %), while short arithmetic spans the useful range. The families below 
 by the base model's measured pass rate, easiest first (shared notes, demo-task.md: roughly 73 % for
 one-digit addition down to ~5 % for subtraction at temperature 0.7).
 
-    python -m gainrl_pl.arithmetic --n 512 --seed 0 --out data/arithmetic/train.jsonl
-    python -m gainrl_pl.arithmetic --n 128 --seed 1 --out data/arithmetic/val.jsonl \
+    python -m gainrl_pl.data.arithmetic --n 512 --seed 0 --out data/arithmetic/train.jsonl
+    python -m gainrl_pl.data.arithmetic --n 128 --seed 1 --out data/arithmetic/val.jsonl \
         --exclude data/arithmetic/train.jsonl
-    python -m gainrl_pl.arithmetic --study --seed 0 --out data/arithmetic      # study_{train,val}.jsonl
+    python -m gainrl_pl.data.arithmetic --study --seed 0 --out data/arithmetic      # study_{train,val}.jsonl
 
 The schedule study (issue 18) uses its own eight families (`STUDY_FAMILIES`, `level` 1-8 from a calibration
 at the study's settings) in exact per-family counts, with a held-out validation set from the same families:
@@ -254,8 +254,8 @@ def write_jsonl(rows: list[dict], path: str | os.PathLike) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """`python -m gainrl_pl.arithmetic`: write a generated set as JSONL and print its family counts."""
-    parser = argparse.ArgumentParser(prog="python -m gainrl_pl.arithmetic", description=__doc__,
+    """`python -m gainrl_pl.data.arithmetic`: write a generated set as JSONL and print its family counts."""
+    parser = argparse.ArgumentParser(prog="python -m gainrl_pl.data.arithmetic", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--n", type=int, default=None, help="number of rows (not with --study)")
     parser.add_argument("--seed", type=int, required=True, help="random seed (same seed -> same file)")

@@ -1,6 +1,6 @@
 """What runs inside a sandbox run: the launcher (isolation), the program's process, and the judge.
 
-`gainrl_pl.sandbox` runs this file once per program run in a fresh `python -I -S` (its code compiled once in the
+`gainrl_pl.rewards.sandbox` runs this file once per program run in a fresh `python -I -S` (its code compiled once in the
 training process and sent on stdin ahead of the job, or its text with `-c` for another interpreter; the job
 follows in two parts, see `main`), so it imports only built-in or small stdlib modules: every import here is
 paid on every run. The training process never imports it (tests do, to check the wire format directly).
@@ -157,28 +157,6 @@ def enter_namespaces(workdir, uid, scratch_mb):
     _remount_all_readonly()
     _mount("tmpfs", workdir, "tmpfs", MS_NOSUID | MS_NODEV,
            f"size={scratch_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={uid}")
-
-
-# ----------------------------------------------------------------------------------------- child setup
-def _set_limits(limits):
-    mib = 1024 * 1024
-    pairs = [
-        (resource.RLIMIT_AS, limits["memory_mb"] * mib),
-        (resource.RLIMIT_FSIZE, limits["max_file_mb"] * mib),
-        (resource.RLIMIT_NOFILE, limits["max_open_files"]),
-        (resource.RLIMIT_NPROC, limits["max_processes"]),
-        (resource.RLIMIT_CORE, 0),
-    ]
-    for which, value in pairs:
-        resource.setrlimit(which, (value, value))
-    # The soft CPU limit sends SIGXCPU (kills: no handler yet), the hard one a second later SIGKILL.
-    resource.setrlimit(resource.RLIMIT_CPU, (limits["cpu_s"], limits["cpu_s"] + 1))
-
-
-def _drop_privileges(uid):
-    os.setgroups([])
-    os.setresgid(uid, uid, uid)
-    os.setresuid(uid, uid, uid)  # an unprivileged uid: all capabilities are gone from here on
 
 
 # ----------------------------------------------------------------------------------------- process setup

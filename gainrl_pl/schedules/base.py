@@ -8,8 +8,8 @@
 - `state_dict()` / `load_state_dict()`: everything the next round depends on, RNG and position in the round
   included, in plain Python types (`torch.load(weights_only=True)` and JSON both work).
 
-The schedules are in `gainrl_pl.sampling` (GAIN-RL's Gaussian) and `gainrl_pl.schedules` (the baselines);
-import any of them from `gainrl_pl.sampling`. Its own module so both can subclass it without a cycle.
+The schedules are in `gainrl_pl.schedules.gaussian` (GAIN-RL's Gaussian) and `gainrl_pl.schedules.peers` (the baselines);
+import any of them from `gainrl_pl.schedules.gaussian`. Its own module so both can subclass it without a cycle.
 No Lightning and no model here: numpy for the draws, torch only for the `Sampler` base class.
 """
 

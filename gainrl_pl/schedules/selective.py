@@ -11,7 +11,7 @@ Both keep a per-prompt memory of past rollout outcomes and use it to choose *bef
   candidate's posterior (Thompson sampling) and keeps the prompts whose draw is closest to a target rate.
 
 Neither needs a ranking; both resume exactly (state includes every RNG) and shard under DDP like the others
-(`gainrl_pl.round_sampler`). Import them from `gainrl_pl.sampling`, whose `build_sampler` names them.
+(`gainrl_pl.schedules.base`). Import them from `gainrl_pl.schedules.gaussian`, whose `build_sampler` names them.
 No Lightning and no model here.
 """
 
@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from gainrl_pl.round_sampler import RoundSampler
+from gainrl_pl.schedules.base import RoundSampler
 
 # A group is zero-variance when its accuracy is 0 or 1; accuracies are means of G binary values, so any
 # tolerance below 1/G separates them (GRESO's code uses 0.98 and 0.11 on mean rewards with G = 8).

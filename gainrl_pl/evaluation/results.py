@@ -22,7 +22,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from gainrl_pl.metrics import pass_at_k, wilson_interval
+from gainrl_pl.evaluation.metrics import pass_at_k, wilson_interval
 
 SAMPLES_FILE = "samples.jsonl"
 _SHARD_FILE = re.compile(r"^samples\.rank(\d+)\.jsonl$")

@@ -1,33 +1,22 @@
 """GAIN-RL's data schedule: a Gaussian over angle-ranked prompts whose mean moves each round (spec sections 4, 5).
 
-Pure math first (`gaussian_rank_probabilities`, `update_mean`, `ranking_from_values`), then
-`GaussianRankSampler` (GAIN-RL `angle`; with another ranking `length` and `accuracy_curriculum`), then the
-factory `build_sampler(name, **kwargs)` that maps every config name to its class.
+Pure math first (`gaussian_rank_probabilities`, `update_mean`), then
+`GaussianRankSampler` (GAIN-RL `angle`; with another ranking `length` and `accuracy_curriculum`).
 
-The contract all schedules implement, `RoundSampler`, is in `gainrl_pl.round_sampler`; the baselines
-(`UniformSampler`, `AdaRFTSampler`, `PassRatePrioritySampler`) are in `gainrl_pl.schedules`. Both are
-re-exported here, so `from gainrl_pl.sampling import ...` reaches every sampler. DAPO's group filter lives
-in `group_filter`. No Lightning and no model here.
+The contract all schedules implement, `RoundSampler`, is in `gainrl_pl.schedules.base`; the peers in
+`peers` and `selective`; the factory `build_sampler(name, **kwargs)` that maps every config name to its class
+in `gainrl_pl.schedules` itself. No Lightning and no model here.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
 
-from gainrl_pl.round_sampler import RoundSampler, finite_mean, top_k_without_replacement
-from gainrl_pl.schedules import (
-    PASS_RATE_ESTIMATORS,
-    PASS_RATE_WEIGHTINGS,
-    AdaRFTSampler,
-    PassRatePrioritySampler,
-    UniformSampler,
-)
-from gainrl_pl.selective_schedules import GRESOSampler, MoPPSSampler
+from gainrl_pl.schedules.base import RoundSampler, finite_mean, top_k_without_replacement
 
 # ----------------------------------------------------------------------------------------------- pure math
 
@@ -43,6 +32,13 @@ def resolve_rank_quantity(value: float, n: int) -> float:
     if not math.isfinite(value):
         raise ValueError(f"rank quantity {value} must be finite")
     return value * n if 0 < abs(value) <= 1 else value
+
+
+def check_sigma(sigma: float, name: str = "sigma") -> float:
+    """`sigma` if it is a finite number > 0 (ranks if > 1, a fraction of N if in (0, 1]); ValueError otherwise."""
+    if not (math.isfinite(sigma) and sigma > 0):
+        raise ValueError(f"{name}={sigma} must be > 0: ranks if > 1, a fraction of N if in (0, 1]")
+    return sigma
 
 
 def _gaussian_log_weights(n: int, mu: float, sigma: float) -> np.ndarray:
@@ -136,25 +132,6 @@ def update_mean(
     return MeanUpdate(new_mu, accuracy_term, angle_term, shift)
 
 
-def ranking_from_values(values: Sequence[float], descending: bool = False) -> list[int]:
-    """Positions ordered by a per-prompt value, ties by position (stable).
-
-    Ascending (default) puts the smallest value first: question length for `length` (shortest first), a
-    difficulty for `accuracy_curriculum`; `descending=True` for a pass rate (easiest first) or an angle score.
-
-    Args:
-        values: One finite number per prompt.
-        descending: Largest value first.
-    """
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 1:
-        raise ValueError(f"values must be one number per prompt, got shape {arr.shape}")
-    bad = np.flatnonzero(~np.isfinite(arr))
-    if bad.size:
-        raise ValueError(f"values[{int(bad[0])}]={arr[bad[0]]} is not finite; every prompt needs a number to be ranked")
-    return [int(i) for i in np.argsort(-arr if descending else arr, kind="stable")]
-
-
 # ------------------------------------------------------------------------------------------------ samplers
 
 
@@ -203,8 +180,7 @@ class GaussianRankSampler(RoundSampler):
             num_prompts = len(ranking)
         super().__init__(num_prompts, subset_size, batch_size, num_replicas=num_replicas, rank=rank, seed=seed,
                          drop_uneven=drop_uneven)
-        if not (math.isfinite(sigma) and sigma > 0):
-            raise ValueError(f"sigma={sigma} must be > 0: ranks if > 1, a fraction of N if in (0, 1]")
+        check_sigma(sigma)
         if not (math.isfinite(step_size) and step_size >= 0):
             raise ValueError(f"step_size={step_size} (n) must be >= 0: ranks if > 1, a fraction of N if in (0, 1]")
         if not math.isfinite(mu) or mu < 0:
@@ -285,42 +261,3 @@ class GaussianRankSampler(RoundSampler):
 
     def _load_extra_state(self, state: dict[str, Any]) -> None:
         self._mu, self._draw_mu = float(state["mu"]), float(state["draw_mu"])
-
-
-# ------------------------------------------------------------------------------------------------- factory
-
-SAMPLERS: dict[str, type[RoundSampler]] = {
-    "angle": GaussianRankSampler,  # ranking: angle concentration, most concentrated first (GAIN-RL)
-    "length": GaussianRankSampler,  # ranking: question length in tokens, shortest first
-    "accuracy_curriculum": GaussianRankSampler,  # ranking: base-model pass rate, easiest first
-    "uniform": UniformSampler,
-    "adarft": AdaRFTSampler,
-    "pass_rate_priority": PassRatePrioritySampler,
-    "greso": GRESOSampler,  # skips prompts whose recent groups had zero reward variance (gainrl_pl.selective_schedules)
-    "mopps": MoPPSSampler,  # Beta posterior per prompt, Thompson sampling toward a target pass rate
-}
-SAMPLER_NAMES = tuple(SAMPLERS)
-
-
-def build_sampler(name: str, **kwargs: Any) -> RoundSampler:
-    """The sampler for a schedule name (`angle`, `length`, `accuracy_curriculum`, `uniform`, `adarft`,
-    `pass_rate_priority`, `greso`, `mopps`), built from keyword arguments of its class.
-
-    The three Gaussian schedules differ only in the ranking installed with `set_ranking`.
-    """
-    if name not in SAMPLERS:
-        raise ValueError(f"unknown sampler {name!r}; allowed: {', '.join(SAMPLER_NAMES)}")
-    cls = SAMPLERS[name]
-    accepted = [p for p in inspect.signature(cls).parameters if p != "self"]
-    unknown = sorted(set(kwargs) - set(accepted))
-    if unknown:
-        raise ValueError(f"sampler {name!r} ({cls.__name__}) does not take {', '.join(unknown)}; "
-                         f"accepted: {', '.join(accepted)}")
-    return cls(**kwargs)
-
-
-__all__ = [
-    "PASS_RATE_ESTIMATORS", "PASS_RATE_WEIGHTINGS", "SAMPLERS", "SAMPLER_NAMES", "AdaRFTSampler",
-    "GRESOSampler", "GaussianRankSampler", "MeanUpdate", "MoPPSSampler", "PassRatePrioritySampler", "RoundSampler", "UniformSampler",
-    "build_sampler", "gaussian_rank_probabilities", "ranking_from_values", "resolve_rank_quantity", "update_mean",
-]

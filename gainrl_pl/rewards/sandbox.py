@@ -10,7 +10,7 @@ Verdicts: the tests run in a separate judge process that never runs program code
 answers the judge's calls with plain data, so nothing the program does inside its interpreter can report a
 test as passed (docs/sandbox.md, "Verdicts").
 
-The code that runs inside the sandbox lives in `gainrl_pl/sandbox_child.py`; this module only prepares,
+The code that runs inside the sandbox lives in `gainrl_pl/rewards/sandbox_child.py`; this module only prepares,
 starts, times out, reads and cleans up.
 """
 

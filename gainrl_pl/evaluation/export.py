@@ -54,7 +54,7 @@ def training_settings(adapter_dir: str | Path) -> dict[str, Any]:
 
 def resolve_quantization(quantization: Any, settings: dict[str, Any]):
     """`auto` -> the run's setting; `none`/None -> no 4-bit; `nf4`/`fp4`, a dict or QuantizationSettings as given."""
-    from gainrl_pl.model_setup import QuantizationSettings
+    from gainrl_pl.models import QuantizationSettings
 
     if quantization == "auto":
         quantization = settings.get("quantization")

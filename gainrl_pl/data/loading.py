@@ -5,7 +5,7 @@
 
 Readers are strict: a byte that is not UTF-8, a line that is not one JSON object, or a damaged Parquet file is a
 `DataError` naming the file, the line (or byte offset) and the fix, never a silently corrupted row. Validating
-the rows (question/answer fields, presets) is `gainrl_pl.data`'s job, which re-exports everything here.
+the rows (question/answer fields, presets) is `gainrl_pl.data.examples`'s job, which re-exports everything here.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 # Where `data/...` in shipped configs is meant to be relative to.
-REPO_ROOT = Path(__file__).resolve().parents[1]
+REPO_ROOT = Path(__file__).resolve().parents[2]
 
 # Values for `load_rows(fmt=...)`: `hf` = a `save_to_disk` directory, `hub` = a Hugging Face hub id.
 FORMATS = ("json", "jsonl", "parquet", "csv", "tsv", "hf", "hub")

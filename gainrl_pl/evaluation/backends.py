@@ -46,7 +46,7 @@ def resolve_model_spec(model: str | None = None, adapter: str | None = None,
         FileNotFoundError: a missing checkpoint, `.hf` directory or adapter config (with what to do).
         ValueError: both `adapter` and `checkpoint`.
     """
-    from gainrl_pl.export import adapter_base_model, training_settings
+    from gainrl_pl.evaluation.export import adapter_base_model, training_settings
 
     if adapter and checkpoint:
         raise ValueError("pass either --adapter or --checkpoint, not both")
@@ -109,7 +109,7 @@ class TransformersBackend:
     name = "transformers"
 
     def __init__(self, spec: ModelSpec, *, dtype: str = "auto", device: torch.device | None = None) -> None:
-        from gainrl_pl.export import load_adapter_tokenizer, load_merged_model
+        from gainrl_pl.evaluation.export import load_adapter_tokenizer, load_merged_model
         from gainrl_pl.models import load_model, load_tokenizer
         from gainrl_pl.rollout import eos_token_ids
 
@@ -180,7 +180,7 @@ class VLLMBackend:
         from transformers import GenerationConfig
         from vllm import LLM
 
-        from gainrl_pl.export import merge_adapter
+        from gainrl_pl.evaluation.export import merge_adapter
         from gainrl_pl.models import load_tokenizer, resolve_model_source
         from gainrl_pl.rollout import eos_token_ids
 

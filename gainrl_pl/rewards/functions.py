@@ -6,7 +6,7 @@ means "this reward does not apply to this sample". Completions are strings, or T
 (a list holding one `{"role": "assistant", "content": ...}` message; see `RewardComputer`): the built-ins
 accept both and read the content.
 
-Import from `gainrl_pl.rewards`, which re-exports everything here beside `RewardComputer`.
+Import from `gainrl_pl.rewards.computer`, which re-exports everything here beside `RewardComputer`.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from gainrl_pl.answer_check import (
+from gainrl_pl.rewards.answers import (
     BOX_RE,
     DEFAULT_ANSWER_EXTRACTION,
     answers_match,

@@ -29,8 +29,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from gainrl_pl.data import DATASET_PRESETS, REPO_ROOT, load_rows
-from gainrl_pl.prompts import PROMPT_PRESETS
+from gainrl_pl.data.examples import DATASET_PRESETS
+from gainrl_pl.data.loading import REPO_ROOT, load_rows
+from gainrl_pl.data.prompts import PROMPT_PRESETS
 
 PROBLEMS_PATH = REPO_ROOT / "data" / "code" / "problems.jsonl"
 """The project's own problem set (23 problems, tests as assert lists, a reference `solution` each)."""
