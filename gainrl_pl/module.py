@@ -28,9 +28,12 @@ from torchmetrics import MeanMetric
 from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.dynamic_sampling import DynamicSamplingOutcome, GroupBatch, agree_on_group_count, first_kept
+from gainrl_pl.engines import resolve_rollout_engine, vllm_installed
+from gainrl_pl.engines.vllm import VllmSettings
 from gainrl_pl.group_filter import GroupFilter
 from gainrl_pl.grpo import (
     compute_advantages,
+    importance_sampling_weights,
     masked_mean,
     policy_loss,
     token_logprobs,
@@ -38,7 +41,7 @@ from gainrl_pl.grpo import (
 )
 from gainrl_pl.metrics import pass_at_k
 from gainrl_pl.model_setup import LoraSettings, QuantizationSettings, build_policy, reference_context
-from gainrl_pl.models import load_tokenizer
+from gainrl_pl.models import load_tokenizer, resolve_model_source
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
 from gainrl_pl.rewards import ANSWER_EXTRACTIONS, COMPLETION_FORMATS, ChatInputs, RewardComputer
@@ -80,6 +83,11 @@ class GRPOModule(pl.LightningModule):
         share_prompt_prefill: Prefill each prompt once and share its KV cache among its G completions instead of
             G times (same completions; saves (G-1) prompt forwards per prompt). Applies when
             `generation_batch_size` is a multiple of G (or `null`).
+        rollout_engine: What generates rollouts: `transformers` (Hugging Face `generate` on the policy), `vllm`
+            (a vLLM engine in this process, given the policy's weights after every optimizer step; install with
+            the `vllm` extra), or `auto`: vLLM where it is installed, for models of at least 50M parameters
+            (measured 2x faster on CPU for SmolLM2-135M), else `transformers`.
+        vllm: The vLLM engine's settings and its importance-sampling correction (used when the engine is vLLM).
         mask_truncated_completions: Exclude completions that hit `max_completion_length` without EOS from the loss.
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose G rewards are all equal (zero advantage, no
             signal) and generate for more prompts from the sampler's round until the batch is full again.
@@ -156,6 +164,8 @@ class GRPOModule(pl.LightningModule):
         repetition_penalty: float = 1.0,
         generation_batch_size: int | None = None,
         share_prompt_prefill: bool = True,
+        rollout_engine: str = "auto",
+        vllm: VllmSettings | None = None,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
         max_extra_generation_rounds: int = 3,
@@ -195,7 +205,9 @@ class GRPOModule(pl.LightningModule):
         # plain dicts in hparams keep checkpoints loadable with torch.load(weights_only=True)
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         quantization = QuantizationSettings(**quantization) if isinstance(quantization, dict) else quantization
+        vllm = VllmSettings(**vllm) if isinstance(vllm, dict) else vllm or VllmSettings()
         self.save_hyperparameters(ignore=["reward_funcs", "rewards"])
+        self.hparams["vllm"] = asdict(vllm)
         self.hparams["lora"] = asdict(lora) if lora else None
         self.hparams["quantization"] = asdict(quantization) if quantization else None
         if reward_funcs is not None and rewards is not None and list(reward_funcs) != list(rewards):
@@ -233,6 +245,13 @@ class GRPOModule(pl.LightningModule):
         self.policy = build_policy(model_name_or_path, gguf_file=gguf_file, dtype=dtype, lora=lora,
                                    quantization=quantization, gradient_checkpointing=gradient_checkpointing,
                                    trust_remote_code=trust_remote_code)
+        # ---- rollout engine (issue 17): which one, and the weights version it last received
+        self.engine_name = resolve_rollout_engine(rollout_engine, num_parameters=sum(
+            p.numel() for p in self.policy.parameters()), vllm_available=vllm_installed(), gguf_file=gguf_file)
+        self.vllm_settings = vllm
+        self._engine = None
+        self._weights_version = 0  # optimizer steps that changed the policy
+        self._engine_weights_version: int | None = None  # the version the engine holds; None = unknown
         # Without LoRA the reference is a frozen copy; with LoRA it is the same weights, adapters off.
         self.ref_model = None
         if beta > 0 and lora is None:
@@ -360,10 +379,12 @@ class GRPOModule(pl.LightningModule):
 
         input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
         attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-        needs_old = hp.num_iterations > 1 or hp.steps_per_rollout > 1
+        correct = rollout.sampling_logprobs is not None and self.vllm_settings.importance_sampling_correction
+        needs_old = hp.num_iterations > 1 or hp.steps_per_rollout > 1 or correct
         with torch.no_grad():
             old_logp = self._logprobs_batched(self.policy, input_ids, attention, rollout) if needs_old else None
             ref_logp = self._reference_logprobs(input_ids, attention, rollout) if hp.beta > 0 else None
+        is_weights = self._importance_weights(old_logp, rollout, loss_mask, step_metrics) if correct else None
 
         n = input_ids.shape[0]
         # A partial batch (dynamic_sampling_allow_partial) may hold fewer completions than mini-batches; n is the
@@ -396,7 +417,8 @@ class GRPOModule(pl.LightningModule):
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
                         epsilon_high=hp.epsilon_high, beta=hp.beta, delta=hp.delta,
                         max_completion_length=hp.max_completion_length,
-                        num_items_in_batch=global_tokens / self.trainer.world_size)
+                        num_items_in_batch=global_tokens / self.trainer.world_size,
+                        sampling_weights=None if is_weights is None else is_weights[idx])
                     if hp.loss_type != "dapo":  # dapo already divides by the whole mini-batch's tokens
                         loss = loss / len(micro)
                     self.manual_backward(loss)
@@ -411,6 +433,24 @@ class GRPOModule(pl.LightningModule):
         self._count_nonfinite_rollout(skipped)
         return train_tokens, _now() - t0
 
+    def _importance_weights(self, old_logp, rollout: Rollout, loss_mask, step_metrics) -> torch.Tensor:
+        """Truncated importance weights trainer / engine of the rollout's tokens; logs the ratio's mean and max
+        over all ranks (`train/is_ratio_mean`, `train/is_ratio_max`, `train/is_ratio_min`,
+        `train/is_corrected_fraction`)."""
+        s = self.vllm_settings
+        weights, metrics = importance_sampling_weights(
+            old_logp, rollout.sampling_logprobs.to(old_logp.device), loss_mask, level=s.importance_sampling_level,
+            mode=s.importance_sampling_mode, clip_min=s.importance_sampling_clip_min,
+            clip_max=s.importance_sampling_clip_max)
+        stats = self._gather_flat(torch.stack([metrics[k].float().to(self.device) for k in
+                                               ("ratio_mean", "ratio_max", "ratio_min", "corrected_fraction")])[None])
+        stats = stats.reshape(-1, 4)
+        step_metrics["is_ratio_mean"] = [float(stats[:, 0].mean())]
+        step_metrics["is_ratio_max"] = [float(stats[:, 1].max())]
+        step_metrics["is_ratio_min"] = [float(stats[:, 2].min())]
+        step_metrics["is_corrected_fraction"] = [float(stats[:, 3].mean())]
+        return weights
+
     def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]], losses: list[float]) -> bool:
         """Clip and step, or skip the step when its mini-batch's loss or the gradient is NaN/inf; True if stepped."""
         params = [p for group in opt.param_groups for p in group["params"]]
@@ -422,6 +462,7 @@ class GRPOModule(pl.LightningModule):
         if finite:
             opt.step()
             sched.step()
+            self._weights_version += 1  # the rollout engine is stale until it gets these weights
         else:
             self.nonfinite_total += 1
         opt.zero_grad(set_to_none=True)
@@ -514,6 +555,9 @@ class GRPOModule(pl.LightningModule):
     def _generate(self, batch, *, num_generations: int, temperature: float, max_new_tokens: int,
                   do_sample: bool) -> Rollout:
         hp = self.hparams
+        if self.engine_name == "vllm" and (self.training or self.vllm_settings.use_for_validation):
+            return self._generate_vllm(batch, num_generations=num_generations, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, do_sample=do_sample)
         try:
             return generate_completions(
                 self.policy, batch["input_ids"], batch["attention_mask"], num_generations=num_generations,
@@ -527,6 +571,38 @@ class GRPOModule(pl.LightningModule):
                 f"completions of up to {max_new_tokens} tokens. Lower `model.generation_batch_size` (now "
                 f"{hp.generation_batch_size}), `model.max_completion_length` or `model.num_generations`, or "
                 f"`data.prompts_per_step`.") from err
+
+    # ---- the vLLM rollout engine (issue 17)
+    def rollout_engine(self):
+        """The vLLM engine, started on first use, holding the policy's current weights."""
+        from gainrl_pl.engines.vllm import get_engine, policy_weights
+
+        if self._engine is None:
+            s = self.vllm_settings
+            max_len = s.max_model_len or min(int(getattr(self.policy.config, "max_position_embeddings", 4096)), 4096)
+            source = resolve_model_source(self.hparams.model_name_or_path, self.hparams.gguf_file)
+            self._engine = get_engine(source.path, s, max_model_len=max_len,
+                                      trust_remote_code=self.hparams.trust_remote_code)
+        if self._engine_weights_version != self._weights_version or self._engine.owner is not self:
+            self._engine.push_weights(policy_weights(self.policy))
+            self._engine.owner = self
+            self._engine_weights_version = self._weights_version
+        return self._engine
+
+    def _generate_vllm(self, batch, *, num_generations: int, temperature: float, max_new_tokens: int,
+                       do_sample: bool) -> Rollout:
+        hp = self.hparams
+        engine = self.rollout_engine()
+        # one draw from this rank's torch stream: ranks sample differently, a resumed run samples the same
+        seed = int(torch.randint(0, 2**31 - 2**20, (1,)))
+        rollout = engine.generate(batch["input_ids"], batch["attention_mask"], num_generations=num_generations,
+                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                  pad_token_id=self.tokenizer.pad_token_id, do_sample=do_sample,
+                                  temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
+                                  repetition_penalty=hp.repetition_penalty, seed=seed)
+        if self.training:
+            engine.sleep()  # CUDA with sleep mode: training gets the engine's memory back
+        return rollout
 
     def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask, strict=True)]
@@ -719,6 +795,7 @@ class GRPOModule(pl.LightningModule):
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
+        self._engine_weights_version = None  # the loaded weights must reach the rollout engine
 
     def _check_checkpoint_keys(self, saved: set[str]) -> None:
         """A strict check of exactly the keys this module saves: a checkpoint of another LoRA/model setting would
