@@ -131,6 +131,33 @@ def test_lora_weights_are_the_merged_model_and_training_model_is_untouched(tiny_
     assert all(torch.equal(p, before[n]) for n, p in policy.named_parameters())
 
 
+def test_qlora_weights_rebuild_a_model_that_computes_what_the_policy_computes(tiny_model_dir):
+    """QLoRA: the 4-bit base is dequantized and the adapter merged; a plain model loaded with the pushed weights
+    gives the policy's logits (compute dtype float32, so only the merge's rounding differs)."""
+    from transformers import AutoModelForCausalLM
+
+    from gainrl_pl.model_setup import QuantizationSettings, build_policy
+
+    policy = build_policy(str(tiny_model_dir), lora=LoraSettings(r=4, alpha=8),
+                          quantization=QuantizationSettings(compute_dtype="float32"))
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)
+    pushed = dict(policy_weights(policy))
+    assert set(pushed) == set(plain.state_dict())
+    assert all(v.dtype == torch.float32 and v.shape == plain.state_dict()[k].shape for k, v in pushed.items())
+    plain.load_state_dict(pushed)
+    ids = torch.tensor([[5, 6, 7, 8, 9, 10, 11]])
+    policy.eval()
+    with torch.no_grad():
+        want, got = policy(input_ids=ids).logits, plain(input_ids=ids).logits
+        base = AutoModelForCausalLM.from_pretrained(str(tiny_model_dir), dtype=torch.float32)(input_ids=ids).logits
+    assert torch.allclose(got, want, atol=1e-4), (got - want).abs().max()
+    assert (got - base).abs().max() > 1e-2  # the adapter is in: not the base model's logits
+
+
 # ------------------------------------------------------------------------------------- the real engine
 
 ENGINE = VllmSettings(dtype="float32", max_model_len=128, kv_cache_gib=1, max_num_seqs=16)

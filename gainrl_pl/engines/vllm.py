@@ -45,8 +45,10 @@ class VllmSettings:
     """Reuse a prompt's KV cache across its G completions (and across steps while it stays cached)."""
     max_num_seqs: int | None = None
     """Most sequences decoded at once; `null` = vLLM's default."""
-    use_for_validation: bool = True
-    """Generate validation completions with the engine too (greedy, or sampled at `val_temperature`)."""
+    use_for_validation: bool = False
+    """Generate validation completions with the engine too (greedy, or sampled at `val_temperature`): faster, but
+    greedy answers then come from the engine's dtype and kernels; off keeps validation on the trainer's model
+    (fp32 greedy answers reproduce across machines, see `val_autocast`)."""
     importance_sampling_correction: bool = True
     """Weight the loss by the truncated importance ratio trainer / engine of each token (or sequence): the
     engine's sampling log-probs differ from the trainer's (kernels, dtype), so its samples are slightly
