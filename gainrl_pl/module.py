@@ -87,7 +87,8 @@ class GRPOModule(pl.LightningModule):
             (a vLLM engine in this process, given the policy's weights after every optimizer step; install with
             the `vllm` extra), or `auto`: vLLM where it is installed, for models of at least 50M parameters
             (measured 2x faster on CPU for SmolLM2-135M), else `transformers`.
-        vllm: The vLLM engine's settings and its importance-sampling correction (used when the engine is vLLM).
+        vllm: The vLLM engine's settings and its importance-sampling correction (used when the engine is vLLM);
+            `null` = the defaults. Every field: `--model.vllm.help VllmSettings`.
         mask_truncated_completions: Exclude completions that hit `max_completion_length` without EOS from the loss.
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose G rewards are all equal (zero advantage, no
             signal) and generate for more prompts from the sampler's round until the batch is full again.
