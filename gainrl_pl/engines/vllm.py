@@ -34,7 +34,7 @@ class VllmSettings:
     max_model_len: int | None = None
     """Longest prompt + completion the engine accepts, in tokens; `null` = the model's context length capped at
     4096. Smaller values need a smaller KV cache."""
-    kv_cache_gib: int = 4
+    kv_cache_gib: int = 2
     """CPU only: KV cache size in whole GiB (vLLM's `VLLM_CPU_KVCACHE_SPACE`)."""
     gpu_memory_utilization: float = 0.3
     """CUDA only: the share of GPU memory vLLM may take (weights + KV cache); the rest is the trainer's."""
