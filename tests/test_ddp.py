@@ -77,6 +77,28 @@ def test_two_rank_ddp_grpo(tiny_model_dir, ddp_data, tmp_path, mode):
         assert_dynamic_sampling_agreed(r0, r1)
 
 
+def test_two_rank_ddp_each_rank_samples_on_its_own_vllm_engine(tmp_path_factory, ddp_data, tmp_path):
+    """Each rank runs its own in-process vLLM engine on its shard and gets the all-reduced weights every step."""
+    pytest.importorskip("vllm")
+    from gainrl_pl.testing import build_tiny_model_dir
+
+    model = build_tiny_model_dir(tmp_path_factory.mktemp("tiny-llama-vllm-ddp"), hidden_size=128)  # head size 32
+    r0, r1 = run_ddp(model, ddp_data, tmp_path, "--steps", "3", "--vllm", timeout=420)
+    assert r0["global_step"] == r1["global_step"] == 3
+    assert r0["weights_sha256"] == r1["weights_sha256"]
+    for s0, s1 in zip(r0["steps"], r1["steps"], strict=True):
+        assert set(s0["indices"]).isdisjoint(s1["indices"])
+        # fp32 engine and trainer: trainer/engine ratios of every sampled token on both ranks (gathered) stay at 1;
+        # an engine left with the weights of a step ago would be far off
+        for key in ("train/is_ratio_max", "train/is_ratio_min"):
+            assert s0["metrics"][key] == pytest.approx(1.0, abs=1e-3), (key, s0["metrics"][key])
+            assert s1["metrics"][key] == pytest.approx(s0["metrics"][key], abs=1e-6)
+    # the first rollout, then one push per changed policy before each later rollout and the validation
+    assert r0["engine_pushes"] == r1["engine_pushes"] >= 3
+    union = r0["val_local"] + r1["val_local"]
+    assert len(union) == 9
+
+
 def assert_dynamic_sampling_agreed(r0, r1):
     """The ranks' filters dropped different numbers of groups, yet trained on as many and skipped together."""
     # (identical weights above: every backward was matched by the other rank's)

@@ -79,7 +79,7 @@ def first_kept(keep: torch.Tensor, count: int) -> torch.Tensor:
 # ----------------------------------------------------------------------------------------- rollouts
 
 
-def _pad_width(t: torch.Tensor, width: int, value: int, *, left: bool) -> torch.Tensor:
+def _pad_width(t: torch.Tensor, width: int, value: float, *, left: bool) -> torch.Tensor:
     missing = width - t.shape[1]
     if missing == 0:
         return t
@@ -101,6 +101,8 @@ def concat_rollouts(rollouts: list[Rollout], pad_token_id: int) -> Rollout:
         completion_mask=torch.cat([_pad_width(r.completion_mask, c_width, 0, left=False) for r in rollouts]),
         truncated=torch.cat([r.truncated for r in rollouts]),
         seconds=sum(r.seconds for r in rollouts),
+        sampling_logprobs=None if any(r.sampling_logprobs is None for r in rollouts) else
+        torch.cat([_pad_width(r.sampling_logprobs, c_width, 0.0, left=False) for r in rollouts]),
     )
 
 
@@ -116,8 +118,9 @@ def select_rollout(rollout: Rollout, rows: torch.Tensor) -> Rollout:
     start = int(used[0]) if used.numel() else prompt_mask.shape[1]
     used = completion_mask.any(dim=0).nonzero()
     end = max(int(used[-1]) + 1 if used.numel() else 0, 1)  # at least one column, as `generate_completions` keeps
+    sampled = None if rollout.sampling_logprobs is None else rollout.sampling_logprobs[rows, :end]
     return Rollout(rollout.prompt_ids[rows, start:], prompt_mask[:, start:], rollout.completion_ids[rows, :end],
-                   completion_mask[:, :end], rollout.truncated[rows], rollout.seconds)
+                   completion_mask[:, :end], rollout.truncated[rows], rollout.seconds, sampled)
 
 
 # ----------------------------------------------------------------------------------------- prompts, rewards
