@@ -141,6 +141,10 @@ def policy_weights(policy: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]
 def _prepare_environment(settings: VllmSettings) -> None:
     """vLLM reads these when it is imported or starts an engine."""
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: weights pass by reference
+    # vLLM logs every engine start at INFO and, for fp32 master weights into a bf16 engine, one WARNING per weight
+    # (hundreds of lines on the demo's console, none a user can act on). Errors still show; a user who wants
+    # vLLM's own logs sets VLLM_LOGGING_LEVEL before starting.
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "ERROR")
     os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(int(settings.kv_cache_gib))
 
 
