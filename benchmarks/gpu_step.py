@@ -6,9 +6,13 @@ embeddings) with random weights, saved once in bf16 with a small offline tokeniz
 does not know decode to nothing: rewards are 0, which costs the same compute). Each configuration runs
 `GRPOModule` under a real Lightning `Trainer` in its own subprocess (clean CUDA memory):
 
-- `bf16_full`: every weight trained, bf16;
-- `bf16_lora`: LoRA r=16 on all linear layers over a bf16 base;
-- `qlora`: LoRA r=16 over a 4-bit NF4 base (double quantization, bf16 compute).
+- `bf16_full`: every weight trained, bf16 weights and AdamW state (`bf16-true`);
+- `mixed_full`: every weight trained, fp32 master weights and AdamW state, bf16 matmuls (`bf16-mixed`): what
+  the shipped GSM8K configs do (a 1e-6 update is below half a bf16 step for most weights);
+- `bf16_lora`: LoRA r=16 on all linear layers over a bf16 base (`bf16-true`);
+- `mixed_lora`: LoRA r=16 over an fp32 base, `bf16-mixed` (the demo and code configs);
+- `qlora`: LoRA r=16 over a 4-bit NF4 base (double quantization, bf16 compute), fp32 adapters, `bf16-mixed`
+  (configs/math_qwen15b_qlora_24gb.yaml).
 
 Default per step: 1 prompt of 512 tokens x G=8 completions of 512 new tokens (EOS is practically never
 sampled from random weights, so every completion runs to the cap), gradient checkpointing on. Reported:
@@ -36,10 +40,18 @@ from common import git_describe, proc_status_kb  # benchmarks/ is on sys.path wh
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch loads (BENCHMARKS.md section 1)
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-CONFIGS = ("bf16_full", "bf16_lora", "qlora")
+CONFIGS = ("bf16_full", "mixed_full", "bf16_lora", "mixed_lora", "qlora")
+# (weights dtype, Trainer precision) per config; LoRA on every config but the two full ones
+PRECISION = {"bf16_full": ("bfloat16", "bf16-true"), "mixed_full": ("float32", "bf16-mixed"),
+             "bf16_lora": ("bfloat16", "bf16-true"), "mixed_lora": ("float32", "bf16-mixed"),
+             "qlora": ("bfloat16", "bf16-mixed")}
 SHAPES = {
     # Qwen2.5-1.5B's published config.json values
     "qwen2.5-1.5b": dict(hidden_size=1536, intermediate_size=8960, num_hidden_layers=28, num_attention_heads=12,
+                         num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
+                         rope_theta=1000000.0, tie_word_embeddings=True),
+    # Qwen2.5-0.5B's (the shipped GSM8K configs' model)
+    "qwen2.5-0.5b": dict(hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
                          num_key_value_heads=2, vocab_size=151936, max_position_embeddings=32768,
                          rope_theta=1000000.0, tie_word_embeddings=True),
     # the same architecture, small enough for a CPU smoke run
@@ -48,8 +60,10 @@ SHAPES = {
 }
 
 
-def build_model_dir(shape: str, path: Path) -> Path:
-    """Random-weight Qwen2 of `shape` + the offline test tokenizer, written once to `path`."""
+def build_model_dir(shape: str, path: Path, *, vocab_size: int | None = None) -> Path:
+    """Random-weight Qwen2 of `shape` + the offline test tokenizer, written once to `path`.
+
+    `vocab_size`: override the shape's (e.g. the tokenizer's own size, so that sampled ids decode to text)."""
     import torch
     from transformers import GenerationConfig, Qwen2Config, Qwen2ForCausalLM
 
@@ -59,7 +73,8 @@ def build_model_dir(shape: str, path: Path) -> Path:
         return path
     tokenizer = build_tiny_tokenizer()
     eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    config = Qwen2Config(**SHAPES[shape], eos_token_id=eos, pad_token_id=eos, bos_token_id=None)
+    shape_args = {**SHAPES[shape], **({"vocab_size": vocab_size} if vocab_size else {})}
+    config = Qwen2Config(**shape_args, eos_token_id=eos, pad_token_id=eos, bos_token_id=None)
     torch.manual_seed(0)
     with torch.device("cuda" if torch.cuda.is_available() else "cpu"):
         model = Qwen2ForCausalLM(config).to(torch.bfloat16)
@@ -94,9 +109,11 @@ def run_child(args) -> dict:
     from gainrl_pl.module import GRPOModule
 
     pl.seed_everything(0, verbose=False)
-    lora = None if args.config == "bf16_full" else LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
+    full = args.config.endswith("_full")
+    lora = None if full else LoraSettings(r=16, alpha=32, dropout=0.0, target_modules="all-linear")
     quant = QuantizationSettings() if args.config == "qlora" else None
-    module = GRPOModule(model_name_or_path=args.model_dir, dtype="bfloat16", lora=lora, quantization=quant,
+    dtype, precision = PRECISION[args.config]
+    module = GRPOModule(model_name_or_path=args.model_dir, dtype=dtype, lora=lora, quantization=quant,
                         gradient_checkpointing=True, num_generations=args.generations,
                         max_completion_length=args.new_tokens, temperature=1.0, beta=0.0, rewards=["accuracy"],
                         learning_rate=1e-6)
@@ -118,7 +135,8 @@ def run_child(args) -> dict:
             times.append(time.perf_counter() - self.t0)
 
     with tempfile.TemporaryDirectory() as tmp:
-        trainer = pl.Trainer(accelerator=args.device, devices=1, max_steps=args.steps + 1, max_epochs=-1,
+        trainer = pl.Trainer(accelerator=args.device, devices=1, precision=precision, max_steps=args.steps + 1,
+                             max_epochs=-1,
                              logger=False, enable_checkpointing=False, enable_progress_bar=False,
                              enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                              use_distributed_sampler=False, default_root_dir=tmp, callbacks=[Timer()])
@@ -126,7 +144,8 @@ def run_child(args) -> dict:
     peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else proc_status_kb("VmHWM") / 2**20
     params = list(module.policy.parameters())
     # what the config really trained: a wrong setting (LoRA or 4-bit silently off) shows here, not in the time
-    trained = {"optimizer_steps": trainer.global_step,
+    trained = {"optimizer_steps": trainer.global_step, "precision": str(trainer.precision),
+               "trained_dtype": str(next(p.dtype for p in params if p.requires_grad)).replace("torch.", ""),
                "trainable_params": sum(p.numel() for p in params if p.requires_grad),
                "params": sum(p.numel() for p in params),
                "linear4bit_layers": sum(type(m).__module__.startswith("bitsandbytes") and type(m).__name__ == "Linear4bit"
@@ -185,7 +204,8 @@ def main(argv=None) -> None:
         print(f"  {config}: steps {', '.join(f'{t:.1f}' for t in result['step_s'])} s (first = warm-up), "
               f"peak {result['peak_gib']:.2f} GiB ({result['peak_kind']}), {result['device']}", flush=True)
         print(f"  {config}: {result['optimizer_steps']} optimizer steps, {result['trainable_params']} of "
-              f"{result['params']} parameters trainable, {result['linear4bit_layers']} 4-bit layers", flush=True)
+              f"{result['params']} parameters trainable, {result['linear4bit_layers']} 4-bit layers, "
+              f"{result['trained_dtype']} trained weights, precision {result['precision']}", flush=True)
     print("\n| config | s/step (median) | peak memory GiB | device |\n| --- | --- | --- | --- |")
     for r in rows:
         if "error" in r:

@@ -38,6 +38,10 @@ def quiet_library_noise() -> None:
     # in train mode at fit start (HF loads models in eval mode, which would silently switch off dropout and
     # gradient checkpointing), so the eval-mode modules Lightning counts are the reference copy's.
     warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode at the start of training")
+    # On a machine with more than 2 cores Lightning asks for DataLoader workers. GainRLDataModule's loaders hand
+    # out prompt indices and already-tokenized prompts held in memory (num_workers 0 by design): workers would
+    # only add processes and pickling. Seen on every run of a 16-core GPU machine (tests/test_gpu_cli.py).
+    warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers which may be a bottleneck")
     # lightning 2.6 calls an API that torch 2.13 deprecates, once per logged batch; nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)

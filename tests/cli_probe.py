@@ -29,7 +29,9 @@ class StepRecord(pl.Callback):
                "lr": float(metrics["train/learning_rate"]),
                "weights": float(sum(p.detach().double().sum() for p in pl_module.policy.parameters()
                                           if p.requires_grad)),
-               "mu": float(trainer.datamodule.sampler.mu)}
+               "mu": float(trainer.datamodule.sampler.mu), "precision": str(trainer.precision),
+               "device": str(pl_module.device),
+               "trained_dtype": str(next(p.dtype for p in pl_module.policy.parameters() if p.requires_grad))}
         with open(os.environ["GAINRL_STEP_RECORD"], "a") as fh:
             fh.write(json.dumps(row) + "\n")
 

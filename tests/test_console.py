@@ -29,3 +29,27 @@ def test_demo_console_is_free_of_library_noise(tiny_model_dir, tmp_path):
     for line in ("validation accuracy before training", "checkpoint: runs/demo/csv/version_0/checkpoints/last.ckpt",
                  "Hugging Face model/adapter:", "logs (metrics.csv, completions.jsonl): runs/demo/csv/version_0"):
         assert line in console, line
+
+
+def test_no_dataloader_worker_advice_on_a_many_core_machine(monkeypatch):
+    """Lightning asks for workers when it sees more than 2 cores (a 16-core GPU machine's every run, never this
+    2-core CPU): our loaders serve in-memory prompts, so the CLI's filters silence that advice."""
+    import warnings
+    from types import SimpleNamespace
+
+    from lightning.pytorch.trainer.connectors import data_connector
+    from torch.utils.data import DataLoader
+
+    from gainrl_pl.console import quiet_library_noise
+
+    monkeypatch.setattr(data_connector, "suggested_max_num_workers", lambda num_devices: 15)
+    trainer, loader = SimpleNamespace(num_devices=1, reload_dataloaders_every_n_epochs=0), DataLoader(range(4))
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        data_connector._worker_check(trainer, loader, "train_dataloader")
+    assert any("does not have many workers" in str(w.message) for w in seen)  # what a 16-core machine prints
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        quiet_library_noise()
+        data_connector._worker_check(trainer, loader, "train_dataloader")
+    assert not [str(w.message) for w in seen]
