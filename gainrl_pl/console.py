@@ -42,6 +42,10 @@ def quiet_library_noise() -> None:
     # out prompt indices and already-tokenized prompts held in memory (num_workers 0 by design): workers would
     # only add processes and pickling. Seen on every run of a 16-core GPU machine (tests/test_gpu_cli.py).
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers which may be a bottleneck")
+    # vLLM's in-process engine initializes torch.distributed (a world of 1), after which Lightning asks every
+    # epoch-level log for `sync_dist=True`. Our validation metrics are torchmetrics, whose compute() already
+    # reduces across ranks (tests/test_vllm_engine.py).
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     # lightning 2.6 calls an API that torch 2.13 deprecates, once per logged batch; nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)

@@ -312,3 +312,33 @@ def test_engine_sampling_options_and_stop_tokens(vllm_model_dir):
     assert torch.equal(greedy.completion_ids, engine.generate(prompts, mask, do_sample=False, seed=None,
                                                               **{**kw, "num_generations": 1}).completion_ids)
     assert math.isfinite(float(greedy.sampling_logprobs.sum()))
+
+
+def test_validation_next_to_the_engine_asks_no_sync_dist(vllm_model_dir, toy_data, tmp_path):
+    """vLLM's engine initializes torch.distributed in this process, so Lightning asks the epoch-level validation
+    logs for sync_dist=True (the study's and `make demo`'s consoles showed it). They are torchmetrics, reduced by
+    compute(): the CLI's filters silence the advice. Lightning prints it once per process: its cache is cleared."""
+    import warnings
+
+    import torch.distributed as dist
+    from lightning.pytorch.trainer.connectors.logger_connector import result
+
+    from gainrl_pl.console import quiet_library_noise
+
+    module = make_module(vllm_model_dir)
+    module.rollout_engine()
+    assert dist.is_available() and dist.is_initialized()
+
+    def advice(filtered: bool) -> list[str]:
+        result.warning_cache.clear()
+        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if filtered:
+                quiet_library_noise()
+            trainer.validate(module, datamodule=make_datamodule(vllm_model_dir, toy_data), verbose=False)
+        return [str(w.message) for w in seen if "sync_dist=True" in str(w.message)]
+
+    assert any("val/accuracy" in m for m in advice(filtered=False))  # what the console showed
+    assert advice(filtered=True) == []
