@@ -5,6 +5,7 @@
     .venv/bin/python experiments/study.py run --runs greso:0 mopps:0    # some runs only
     .venv/bin/python experiments/study.py pilot --arms uniform gainrl --seeds 0 1 2 --steps 10
     .venv/bin/python experiments/study.py power --dir experiments/results/pilot   # re-print a pilot's analysis
+    .venv/bin/python experiments/study.py noise --dir experiments/results/power   # uniform's seed-to-seed noise
     .venv/bin/python experiments/study.py report                        # every table and plot, from saved JSON
     .venv/bin/python experiments/study.py run -- --trainer.max_steps 40   # CLI overrides for every run after --
 
@@ -38,6 +39,8 @@ from gainrl_pl.evaluation.study_stats import (  # noqa: E402
     curve_area,
     minimum_detectable_difference,
     paired_bootstrap,
+    paired_sd_from_arm_sd,
+    sd_interval,
     seeds_needed,
     steps_to_reach,
     variance_components,
@@ -413,6 +416,62 @@ def power_analysis(out_dir: Path, *, seeds: int = PLANNED_SEEDS, val_prompts: in
     return out
 
 
+def single_arm_noise(out_dir: Path, arm: str = BASE_ARM, *, correlation: float = 0.0,
+                     planned: tuple[int, ...] = (PLANNED_SEEDS, 10)) -> dict:
+    """Seed-to-seed noise of one arm's runs, and the gaps a paired design could resolve if the compared arm
+    were as noisy.
+
+    Before a second arm exists at the planned length, its paired difference's spread is read off one arm:
+    sd_diff = sd * sqrt(2 (1 - rho)) (`paired_sd_from_arm_sd`; rho = `correlation`, the same-seed correlation
+    of the two arms' outcomes, 0 in the pilot). The sd's chi-square interval says how much the few seeds
+    pin it down. Per validated step too, to show whether the noise grows with training.
+    """
+    baseline, runs = load_design(out_dir)
+    if baseline is None or arm not in runs:
+        raise SystemExit(f"{out_dir}: needs baseline.json and runs of arm {arm!r}")
+    seeds = sorted(runs[arm])
+    if len(seeds) < 2:
+        raise SystemExit(f"{out_dir}: arm {arm!r} has {len(seeds)} seed(s); the noise needs >= 2")
+    mats = [run_matrix(runs[arm][s], baseline) for s in seeds]
+    steps = mats[0][0]
+    if any(not np.array_equal(m[0], steps) for m in mats):
+        raise SystemExit(f"{out_dir}: {arm}'s seeds were validated at different steps")
+    curves = np.stack([m[1].mean(-1) for m in mats])  # [seeds, steps]
+    out: dict = {"dir": str(out_dir), "arm": arm, "seeds": seeds, "steps": steps.tolist(),
+                 "curves": curves.tolist(), "sd_by_step": curves.std(0, ddof=1).tolist(),
+                 "correlation": correlation, "metrics": {}}
+    for metric, values in (("final_accuracy", curves[:, -1]), ("curve_area", curve_area(steps, curves))):
+        sd = float(np.std(values, ddof=1))
+        sd_diff = paired_sd_from_arm_sd(sd, correlation=correlation)
+        low, high = sd_interval(sd, len(seeds))
+        out["metrics"][metric] = {
+            "values": [float(v) for v in values], "mean": float(np.mean(values)), "sd": sd,
+            "sd_interval_95": [low, high], "sd_difference": sd_diff,
+            "mdd": {str(n): minimum_detectable_difference(sd_diff, n) for n in planned},
+            "mdd_at_sd_interval": {str(n): [minimum_detectable_difference(paired_sd_from_arm_sd(x, correlation=correlation), n)
+                                            for x in (low, high)] for n in planned},
+            "seeds_for": {str(g): seeds_needed(sd_diff, g) for g in (0.03, 0.05, 0.1)}}
+    return out
+
+
+def print_noise(noise: dict) -> None:
+    print(f"\n## Seed-to-seed noise of {noise['arm']} ({len(noise['seeds'])} seeds: {noise['seeds']}), "
+          f"from {noise['dir']}\n")
+    print("step   " + "  ".join(f"{int(s):>6d}" for s in noise["steps"]))
+    for seed, curve in zip(noise["seeds"], noise["curves"]):
+        print(f"seed {seed:<2d}" + "  ".join(f"{v:6.3f}" for v in curve))
+    print("sd     " + "  ".join(f"{v:6.3f}" for v in noise["sd_by_step"]))
+    for metric, e in noise["metrics"].items():
+        low, high = e["sd_interval_95"]
+        print(f"- {METRIC_LABEL[metric]}: per seed " + ", ".join(f"{v:.3f}" for v in e["values"])
+              + f"; sd {e['sd']:.4f} (95% interval {low:.4f}-{high:.4f}); paired difference sd "
+              f"{e['sd_difference']:.4f} (same-seed correlation {noise['correlation']:+.2f}) -> minimum detectable "
+              "gap " + ", ".join(f"{n} seeds {v:.3f} (sd interval: {e['mdd_at_sd_interval'][n][0]:.3f}-"
+                                 f"{e['mdd_at_sd_interval'][n][1]:.3f})" for n, v in e["mdd"].items())
+              + "; seeds per arm for a gap of " + ", ".join(f"{g}: {n if n else '>1000'}"
+                                                          for g, n in e["seeds_for"].items()))
+
+
 def print_power(analysis: dict) -> None:
     print(f"\n## Power of the planned design ({analysis['planned_seeds']} seeds, {analysis['planned_val_prompts']} "
           f"validation prompts), from {analysis['pilot_dir']}\n")
@@ -538,6 +597,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--run-root", default=None, help="Lightning logs and run logs (default runs/study/power/pilot)")
     p = sub.add_parser("power", help="print the power analysis of a pilot's (or the study's) saved runs")
     p.add_argument("--dir", default=str(RESULTS / "pilot"))
+    p = sub.add_parser("noise", help="one arm's seed-to-seed noise and the gaps it lets a paired design resolve")
+    p.add_argument("--dir", default=str(RESULTS / "power"))
+    p.add_argument("--arm", default=BASE_ARM)
+    p.add_argument("--correlation", type=float, default=0.0,
+                   help="assumed same-seed correlation of two arms' outcomes (the pilot's: none)")
     p = sub.add_parser("plan", help="print the planned design, its checks and (from saved runs) its wall time")
     p.add_argument("--dir", default=str(RESULTS / "pilot"), help="runs whose unit costs give the wall time")
     p = sub.add_parser("report", help="rebuild every table and plot from saved JSON")
@@ -565,6 +629,8 @@ def main(argv: list[str] | None = None) -> None:
         print_plan(out_dir)
     elif args.cmd == "power":
         print_power(power_analysis(Path(args.dir)))
+    elif args.cmd == "noise":
+        print_noise(single_arm_noise(Path(args.dir), args.arm, correlation=args.correlation))
     elif args.cmd == "plan":
         print_plan(Path(args.dir))
     else:

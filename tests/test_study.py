@@ -117,3 +117,31 @@ def test_wall_time_estimate_from_unit_costs():
     assert est["per_run_s"]["uniform_filter"] == pytest.approx(29 * 10 * 2.1 + 5 * 256 * 0.5 + 60)
     assert est["total_hours"] == pytest.approx((2 * (est["per_run_s"]["uniform"] + est["per_run_s"]["uniform_filter"])
                                                 + 128) / 3600)
+
+
+def _saved_run(out: Path, arm: str, seed: int, steps: list[int], per_prompt: list[list[int]]) -> None:
+    run = {"kind": "run", "arm": arm, "seed": seed, "val_digest": "d",
+           "val": [{"step": s, "per_prompt": p} for s, p in zip(steps, per_prompt)]}
+    (out / f"{arm}_seed{seed}.json").write_text(json.dumps(run))
+
+
+def test_noise_command_reads_one_arms_saved_runs(tmp_path, capsys):
+    """`study.py noise` (the command experiments/README.md shows) on saved runs: per-seed curves, the sd of final
+    accuracy and curve area, and the gap a paired design resolves with sd_diff = sqrt(2) sd."""
+    (tmp_path / "baseline.json").write_text(json.dumps({"kind": "baseline", "val_digest": "d",
+                                                        "per_prompt": [0, 0, 1, 1]}))
+    finals = {0: [1, 1, 0, 1], 1: [1, 0, 0, 1], 2: [1, 1, 1, 1]}  # 0.75, 0.5, 1.0
+    for seed, final in finals.items():
+        _saved_run(tmp_path, "uniform", seed, [6, 12], [[0, 1, 1, 1], final])
+    _saved_run(tmp_path, "gainrl", 0, [6, 12], [[0, 0, 0, 0], [0, 0, 0, 0]])  # another arm: ignored
+    study.main(["noise", "--dir", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert "3 seeds: [0, 1, 2]" in out and "seed 1  0.500   0.750   0.500" in out
+    noise = study.single_arm_noise(tmp_path)
+    final = noise["metrics"]["final_accuracy"]
+    assert final["sd"] == pytest.approx(0.25) and final["sd_difference"] == pytest.approx(0.25 * 2 ** 0.5)
+    areas = [(0.5 * (0.5 + 0.75) * 6 + 0.5 * (0.75 + f) * 6) / 12 for f in (0.75, 0.5, 1.0)]
+    assert noise["metrics"]["curve_area"]["values"] == pytest.approx(areas)
+    assert final["mdd"]["10"] < final["mdd"]["5"]
+    with pytest.raises(SystemExit, match="1 seed"):
+        study.single_arm_noise(tmp_path, "gainrl")

@@ -10,6 +10,8 @@ from gainrl_pl.evaluation.study_stats import (
     final_accuracy,
     minimum_detectable_difference,
     paired_bootstrap,
+    paired_sd_from_arm_sd,
+    sd_interval,
     seeds_needed,
     steps_to_reach,
     variance_components,
@@ -118,6 +120,36 @@ def test_seeds_needed_matches_the_mdd():
     assert minimum_detectable_difference(0.05, n) <= 0.05 < minimum_detectable_difference(0.05, n - 1)
     assert seeds_needed(1.0, 0.001, max_seeds=50) is None
     assert seeds_needed(0.0, 0.02, fixed_se=0.01) is None  # the fixed part alone needs a 0.028+ gap
+
+
+def test_paired_sd_from_one_arm_matches_simulated_differences():
+    rng = np.random.default_rng(0)
+    n = 200_000
+    for rho in (0.0, 0.6, -0.4):
+        shared = rng.normal(size=n)
+        a = 0.1 * (np.sqrt(abs(rho)) * shared + np.sqrt(1 - abs(rho)) * rng.normal(size=n))
+        b = 0.1 * (np.sign(rho) * np.sqrt(abs(rho)) * shared + np.sqrt(1 - abs(rho)) * rng.normal(size=n))
+        assert paired_sd_from_arm_sd(0.1, correlation=rho) == pytest.approx(np.std(a - b), rel=0.01)
+    assert paired_sd_from_arm_sd(0.05) == pytest.approx(0.05 * np.sqrt(2))
+    with pytest.raises(ValueError, match="correlation"):
+        paired_sd_from_arm_sd(0.05, correlation=1.5)
+    with pytest.raises(ValueError, match="sd_arm"):
+        paired_sd_from_arm_sd(float("nan"))
+
+
+def test_sd_interval_covers_the_true_sd_at_its_level():
+    rng = np.random.default_rng(1)
+    hits = 0
+    trials = 4000
+    for _ in range(trials):
+        x = rng.normal(0.5, 0.07, size=3)
+        low, high = sd_interval(float(np.std(x, ddof=1)), 3)
+        hits += low <= 0.07 <= high
+    assert hits / trials == pytest.approx(0.95, abs=0.015)
+    low, high = sd_interval(0.171, 3)  # the pilot's figure: 2 degrees of freedom give a wide interval
+    assert low == pytest.approx(0.171 * 0.521, rel=0.01) and high == pytest.approx(0.171 * 6.28, rel=0.01)
+    with pytest.raises(ValueError, match="n=1"):
+        sd_interval(0.1, 1)
 
 
 def test_variance_components_recover_known_parts():

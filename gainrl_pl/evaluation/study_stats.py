@@ -201,6 +201,33 @@ def seeds_needed(sd_difference: float, gap: float, *, fixed_se: float = 0.0, alp
     return None
 
 
+def paired_sd_from_arm_sd(sd_arm: float, *, correlation: float = 0.0) -> float:
+    """Spread of per-seed differences arm - base implied by one arm's seed-to-seed spread.
+
+    Var(a - b) = 2 sd^2 (1 - rho) when both arms have the same spread `sd_arm` and their outcomes on the same
+    seed correlate with `correlation` (rho). Used before a second arm exists: with rho = 0 (sharing a seed
+    does not pair the arms' outcomes, what the study's pilot measured) it is sqrt(2) sd_arm.
+    """
+    if not (sd_arm >= 0 and np.isfinite(sd_arm)):
+        raise ValueError(f"sd_arm={sd_arm} must be a finite number >= 0")
+    if not -1.0 <= correlation <= 1.0:
+        raise ValueError(f"correlation={correlation} must lie in [-1, 1]")
+    return float(sd_arm * np.sqrt(2.0 * (1.0 - correlation)))
+
+
+def sd_interval(sd: float, n: int, *, confidence: float = 0.95) -> tuple[float, float]:
+    """Chi-square confidence interval of a standard deviation estimated from `n` normal observations."""
+    from scipy.stats import chi2
+
+    if n < 2:
+        raise ValueError(f"n={n}: a standard deviation needs >= 2 observations")
+    if not (sd >= 0 and np.isfinite(sd)):
+        raise ValueError(f"sd={sd} must be a finite number >= 0")
+    df = n - 1
+    tail = (1 - confidence) / 2
+    return (float(sd * np.sqrt(df / chi2.ppf(1 - tail, df))), float(sd * np.sqrt(df / chi2.ppf(tail, df))))
+
+
 @dataclass(frozen=True)
 class VarianceComponents:
     """Parts of the variance of per-prompt paired differences d[seed, prompt] = mu + b_seed + a_prompt + e.
@@ -255,5 +282,5 @@ def variance_components(differences: np.ndarray) -> VarianceComponents:
 
 
 __all__ = ["METRICS", "PairedComparison", "VarianceComponents", "curve_area", "final_accuracy",
-           "minimum_detectable_difference", "paired_bootstrap", "seeds_needed",
+           "minimum_detectable_difference", "paired_bootstrap", "paired_sd_from_arm_sd", "sd_interval", "seeds_needed",
            "steps_to_reach", "variance_components"]
