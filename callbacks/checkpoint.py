@@ -17,8 +17,11 @@ from typing import Any
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.trainer.states import TrainerFn
 
 from gainrl_pl.resume import RUN_RECORD_KEY, logger_record
+from gainrl_pl.rng_state import CHECKPOINT_KEY as RNG_CHECKPOINT_KEY
+from gainrl_pl.rng_state import collect_rng_states, collect_rng_states_of_all_ranks
 
 
 def hf_dir_for(checkpoint_path: str | Path) -> Path:
@@ -52,6 +55,10 @@ class GainRLCheckpoint(ModelCheckpoint):
         self.save_hf = save_hf
         self._sigterm_received = False  # this rank's; acted on only once every rank agrees (on_train_batch_end)
         self._user_sigterm_handler = None
+        # The checkpoint of the batch end that a validation follows, built (not written) as it starts; this
+        # rank's RNG states at the last batch end (the validation's DataLoader draws a seed before it starts)
+        self._pre_validation: dict[str, Any] | None = None
+        self._batch_end_rng: dict[str, Any] | None = None
 
     def _save_last(self, trainer: pl.Trainer) -> None:
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -60,6 +67,9 @@ class GainRLCheckpoint(ModelCheckpoint):
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
+        self._save_hf(trainer, filepath)
+
+    def _save_hf(self, trainer: pl.Trainer, filepath: str) -> None:
         if self.save_hf and trainer.is_global_zero and hasattr(trainer.lightning_module, "save_hf"):
             target = hf_dir_for(filepath)
             tmp = Path(tempfile.mkdtemp(dir=target.parent, prefix=".hf-"))
@@ -97,6 +107,48 @@ class GainRLCheckpoint(ModelCheckpoint):
         elif (self.dirpath is not None and 0 < trainer.max_steps <= trainer.global_step
               and self._last_global_step_saved != trainer.global_step):
             self._save_last(trainer)
+        self._batch_end_rng = collect_rng_states()  # copies, a few kB: what a save here would have held
+
+    # ----------------------------------------------------------------- SIGTERM during a validation in fit
+    # A long validation (hundreds of prompts) can outlast a scheduler's grace period between SIGTERM and SIGKILL.
+    # The checkpoint for it is built as the validation starts (no training happens until it ends, so it holds
+    # references, not copies) and written only if SIGTERM arrives: it is the state Lightning saves when a
+    # validation step fails, which its loops resume by running that whole validation again. Lightning then
+    # stops after the current validation batch.
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if (batch_idx != 0 or dataloader_idx != 0 or trainer.sanity_checking or self.dirpath is None
+                or trainer.state.fn != TrainerFn.FITTING):
+            return
+        checkpoint = trainer._checkpoint_connector.dump_checkpoint(self.save_weights_only)  # a collective
+        if RNG_CHECKPOINT_KEY in checkpoint and self._batch_end_rng is not None:
+            # the resumed run draws the validation's DataLoader seed again, from the batch end's state
+            checkpoint[RNG_CHECKPOINT_KEY] = collect_rng_states_of_all_ranks(self._batch_end_rng)
+        if "loops" in checkpoint:
+            # as if inside the first validation step (Lightning counts a batch started just after this hook):
+            # the resumed run sees "restarted mid-evaluation" and validates from the first batch
+            progress = checkpoint["loops"]["fit_loop"]["epoch_loop.val_loop.batch_progress"]
+            for counts in (progress["total"], progress["current"]):
+                counts["started"] = counts["ready"]
+        self._pre_validation = checkpoint
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if self._pre_validation is None:
+            return
+        if self._sigterm_agreed(trainer):  # a collective: every rank runs the same validation batches
+            path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            self.last_model_path = path
+            trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
+            trainer.strategy.save_checkpoint(self._pre_validation, path)
+            trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
+            self._save_hf(trainer, path)
+            self._pre_validation = None
+            if trainer.is_global_zero:
+                print(f"[gainrl] SIGTERM during validation: saved step {trainer.global_step} as it was before this "
+                      f"validation to {path}; resuming validates it again", flush=True)
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        super().on_validation_end(trainer, pl_module)
+        self._pre_validation = None
 
     # ----------------------------------------------------------------- SIGTERM under DDP
     # A checkpoint save is collective (the RNG states are gathered, Lightning's barrier follows), so every rank

@@ -55,6 +55,7 @@ from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
 from gainrl_pl.rewards import COMPLETION_FORMATS, ChatInputs, RewardComputer, check_answer_extraction
 from gainrl_pl.rng_state import (
+    CHECKPOINT_KEY as RNG_CHECKPOINT_KEY,
     collect_rng_states_of_all_ranks,
     restore_rng_states,
     rng_state_of_rank,
@@ -768,14 +769,14 @@ class GRPOModule(pl.LightningModule):
         checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
         # Saved at a batch end, these are the states the next rollout starts sampling from, one per rank (a
         # collective: Lightning builds the checkpoint on every rank and writes rank 0's).
-        checkpoint["gainrl_rng_states"] = collect_rng_states_of_all_ranks()
+        checkpoint[RNG_CHECKPOINT_KEY] = collect_rng_states_of_all_ranks()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         check_checkpoint_weight_keys(set(checkpoint.get("state_dict", {})),
                                      self._checkpoint_keys(self.state_dict().keys()))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
-        self._pending_rng_states = checkpoint.get("gainrl_rng_states")
+        self._pending_rng_states = checkpoint.get(RNG_CHECKPOINT_KEY)
         self._engine_weights_version = None  # the loaded weights must reach the rollout engine
 
     def save_hf(self, directory: str) -> None:

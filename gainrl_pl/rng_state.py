@@ -64,13 +64,17 @@ def seed_rank_streams(rank: int) -> None:
     random.seed(seed)
 
 
-def collect_rng_states_of_all_ranks() -> list[dict[str, Any]]:
+CHECKPOINT_KEY = "gainrl_rng_states"  # where a checkpoint holds every rank's states
+
+
+def collect_rng_states_of_all_ranks(state: dict[str, Any] | None = None) -> list[dict[str, Any]]:
     """`collect_rng_states()` of every DDP rank, by rank; a collective, so every rank must call it.
 
     Lightning builds a checkpoint on every rank but writes rank 0's: gathered, rank 0's copy holds them all.
-    Without torch.distributed, a list of this process's state.
+    Without torch.distributed, a list of this process's state. `state`: this rank's states taken earlier
+    (default: now).
     """
-    state = collect_rng_states()
+    state = collect_rng_states() if state is None else state
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         states: list[Any] = [None] * torch.distributed.get_world_size()
         torch.distributed.all_gather_object(states, state)

@@ -49,3 +49,20 @@ def console_problems(text: str) -> list[str]:
     """The warning lines and settled messages in a run's console output (empty = clean)."""
     found = [m.group(0) + text[m.end():].split("\n", 1)[0][:160] for m in PYTHON_WARNING.finditer(text)]
     return found + [s for s in SETTLED if s in text]
+
+
+class SigtermDuringValidation(pl.Callback):
+    """Sends this process SIGTERM at the end of the first validation batch after step $GAINRL_SIGTERM_VAL_STEP
+    (a scheduler preempting a run in the middle of a long validation)."""
+
+    def __init__(self) -> None:
+        self.sent = False
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        import signal
+
+        if (not self.sent and not trainer.sanity_checking
+                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
+

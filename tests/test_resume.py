@@ -95,7 +95,7 @@ GAINRL_PL = Path(sys.executable).with_name("gainrl-pl")
 # model, a reward its random completions do not tie on (so every step changes the weights), shorter
 # completions and 4 validation prompts (seconds instead of minutes).
 TINY_DEMO = ["--model.reward_funcs", "[cli_probe.digit_reward]", "--model.max_completion_length", "6",
-             "--model.val_max_completion_length", "4", "--data.val_limit", "4",
+             "--model.val_max_completion_length", "4", "--data.val_limit", "4", "--data.val_batch_size", "2",
              "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=cli_probe.StepRecord"]
 
 
@@ -150,16 +150,21 @@ def assert_same_steps(straight: dict[int, dict], resumed: dict[int, dict], steps
         assert a["weights"] == pytest.approx(b["weights"], rel=1e-9) and a["mu"] == pytest.approx(b["mu"])
 
 
-def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path):
+@pytest.fixture(scope="module")
+def straight_cli(tiny_model_dir, tmp_path_factory) -> Path:
+    """The uninterrupted CLI run the resumed ones are compared with: 5 steps, validation at step 4 (a round)."""
+    straight_dir = tmp_path_factory.mktemp("straight_cli")
+    gainrl_pl(straight_dir, tiny_model_dir, "--trainer.max_steps", "5")
+    return straight_dir
+
+
+def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path, straight_cli):
     """The README's commands: fit, stop, the same command + `--ckpt_path last` (or a checkpoint file)."""
-    straight_dir, run_dir = tmp_path / "straight", tmp_path / "run"
-    straight_dir.mkdir()
+    straight_dir, run_dir = straight_cli, tmp_path / "run"
     run_dir.mkdir()
-    # side by side (2 cores): the uninterrupted run, and a run that stops after 2 of the 5 steps. The second
-    # asks for last_or_fresh with nothing to resume yet, so it starts a new run (the opt-in).
-    straight_run = start_fit(straight_dir, tiny_model_dir, "--trainer.max_steps", "5")
+    # a run that stops after 2 of the 5 steps. It asks for last_or_fresh with nothing to resume yet, so it starts
+    # a new run (the opt-in).
     first = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "2", "--ckpt_path", "last_or_fresh")
-    finish(straight_run)
     straight = records(straight_dir / "record.jsonl")
     assert sorted(straight) == [1, 2, 3, 4, 5]
     assert "no checkpoint of this config yet; starting a new run" in first
@@ -192,6 +197,46 @@ def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path):
     assert_same_steps(straight, records(run_dir / "from_file.jsonl"), [5])
     assert metrics_rows(csv_dir) == metrics_rows(straight_csv)
     assert sorted(p.name for p in (run_dir / "runs/demo/csv").iterdir()) == ["version_0"]
+
+
+def test_sigterm_during_validation_saves_the_step_and_resume_validates_it_again(tiny_model_dir, tmp_path,
+                                                                               straight_cli):
+    """A preemption in the middle of a long validation: the run stops after the current validation batch (not
+    after the validation and one more step), `last.ckpt` holds the step the validation followed, and
+    `--ckpt_path last` validates that step again and continues as if nothing happened."""
+    import os
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.environ["GAINRL_SIGTERM_VAL_STEP"] = "4"  # read by cli_probe in the child (its environment is a copy)
+    try:
+        cut = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5",
+                        "--trainer.callbacks+=cli_probe.SigtermDuringValidation")
+    finally:
+        del os.environ["GAINRL_SIGTERM_VAL_STEP"]
+    assert "SIGTERM during validation: saved step 4" in cut, cut[-3000:]
+    assert sorted(records(run_dir / "record.jsonl")) == [1, 2, 3, 4]  # step 5 never started
+    csv_dir = run_dir / "runs/demo/csv/version_0"
+    state = torch.load(csv_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)
+    assert state["global_step"] == 4
+    straight_rows = metrics_rows(straight_cli / "runs/demo/csv/version_0")
+    assert any(r[0] == "3" and r[5] for r in straight_rows)  # the straight run's validation after step 4
+    assert not any(r[0] == "3" and r[5] for r in metrics_rows(csv_dir))  # the cut one logged nothing
+
+    resumed = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5", "--ckpt_path", "last",
+                        record="resumed.jsonl")
+    assert console_problems(resumed) == [], resumed
+    assert sorted(records(run_dir / "resumed.jsonl")) == [5]
+    assert_same_steps(records(straight_cli / "record.jsonl"), records(run_dir / "resumed.jsonl"), [5])
+    # step 4's validation included, nothing doubled. Not the round's `gainrl/` row: the scheduler logged it at
+    # step 4's batch end in the interrupted process, to be written at the epoch end that never came (its values
+    # are in the checkpoint's scheduler history; README "Resume" says so).
+    def without_round_row(rows):
+        return [(step, epoch, loss, reward, val) for step, epoch, loss, reward, mu, val in rows
+                if loss or reward or val or not mu]
+
+    assert without_round_row(metrics_rows(csv_dir)) == without_round_row(straight_rows)
+    assert [r[0] for r in metrics_rows(csv_dir) if r[5]] == ["0", "3"]  # the baseline and step 4's validation
 
 
 def test_cli_validate_last_evaluates_the_newest_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
