@@ -117,12 +117,18 @@ def power_config(run_dir: Path) -> dict:
     schedule updates); GAIN-RL, length and the level curriculum use the paper's Gaussian defaults as
     fractions of N (PAPER_GAUSSIAN). Validation: greedy, fp32, every 3 rounds (steps 6, 12, 18, 24, 30), all
     256 rows; step 0 comes from the shared baseline (`--baseline`), so `num_sanity_val_steps` is 0.
+
+    Rollouts and validation on the vLLM engine in fp32 (since 2026-12-05): its greedy answers equalled the
+    trainer's fp32 ones on all 256 prompts at 2.7x the speed, and validation was two thirds of a run
+    (BENCHMARKS.md section 8). Runs before that (`results/power_hf_validation/`) sampled on a bf16 engine and
+    validated on the trainer cast to fp32; the two are never mixed in one comparison (`val_decoding`).
     """
     cfg = yaml.safe_load((ROOT / "experiments/configs/demo_base.yaml").read_text())
     cfg["trainer"].update(max_steps=30, check_val_every_n_epoch=3, num_sanity_val_steps=0,
                           default_root_dir=str(run_dir), logger=_logger(run_dir), enable_progress_bar=False)
     cfg["model"].update(max_completion_length=64, val_max_completion_length=64, val_temperature=0.0,
-                        log_completions_every_n_steps=10)
+                        log_completions_every_n_steps=10, rollout_engine="vllm",
+                        vllm={"dtype": "float32", "use_for_validation": True})
     cfg["data"].update(train_data="data/arithmetic/study_train.jsonl", val_data="data/arithmetic/study_val.jsonl",
                        prompts_per_step=4, val_limit=None, val_batch_size=32)
     cfg["data"]["schedule"].update(subset_size=8, **PAPER_GAUSSIAN)
@@ -397,6 +403,13 @@ def main(argv: list[str] | None = None) -> None:
 
     t0, cpu0 = time.time(), time.process_time()
     cli = run_lightning_cli(cli_args, run=False)
+    vllm_settings = getattr(cli.model, "vllm_settings", None)
+    if (args.design != "miniature" and cli.model.engine_name == "vllm" and vllm_settings is not None
+            and vllm_settings.use_for_validation):
+        if vllm_settings.dtype != "float32":
+            sys.exit(f"the {args.design} design validates fp32 greedy: model.vllm.dtype is {vllm_settings.dtype!r}, "
+                     "set it to float32 (or model.vllm.use_for_validation to false)")
+        fp32_callback, val_decoding = False, "fp32 greedy on the vLLM engine (model.vllm.dtype float32)"
     extra_callbacks, recorder = make_callbacks(fp32_callback)
     # the recorder first (it must read the rollout report before the scheduler clears it); fp32 casting
     # before any other callback's validation hooks

@@ -129,6 +129,10 @@ def run_matrix(r: dict, baseline: dict) -> tuple[np.ndarray, np.ndarray]:
     if r["val_digest"] != baseline["val_digest"]:
         raise ValueError(f"{r['arm']} seed {r['seed']} was validated on other prompts than the baseline "
                          f"({r['val_digest']} != {baseline['val_digest']}): rerun one of them")
+    if r.get("val_decoding") != baseline.get("val_decoding"):
+        raise ValueError(f"{r['arm']} seed {r['seed']} was decoded otherwise than the baseline "
+                         f"({r.get('val_decoding')!r} != {baseline.get('val_decoding')!r}): keep each design's runs "
+                         "in their own directory")
     points = {0: baseline["per_prompt"]}
     for v in r["val"]:
         if v["step"] > 0:

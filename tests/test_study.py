@@ -26,7 +26,8 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
     out, logs = tmp_path / "pilot", tmp_path / "runs"
     overrides = ["--model.model_name_or_path", str(tiny_model_dir), "--model.dtype", "bfloat16",
                  "--model.max_completion_length", "4", "--model.val_max_completion_length", "4",
-                 "--data.train_limit", "64", "--scheduler.use_cache", "false"]
+                 "--data.train_limit", "64", "--scheduler.use_cache", "false",
+                 "--model.rollout_engine", "transformers"]  # the study's vLLM engine: test_run_ab_on_the_vllm_engine
     cmd = [sys.executable, str(STUDY), "pilot", "--arms", "uniform", "greso", "mopps", "--seeds", "0", "--steps", "2",
            "--val-limit", "6", "--out-dir", str(out), "--run-root", str(logs), "--", *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -41,7 +42,7 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
         assert len(r["val"][0]["per_prompt"]) == 6 and r["val_digest"] == baseline["val_digest"]
         assert [t["generated_groups"] for t in r["train"]] == [4, 4]
         assert any("--data.schedule.name" in a for a in r["cli_args"]) and arm in r["cli_args"]
-        assert r["rollout_engine"] == "transformers"  # auto: the tiny model is below vLLM's size threshold
+        assert r["rollout_engine"] == "transformers"
     assert {"p_easy", "p_hard", "skipped_easy"} <= set(runs["greso"]["schedule_history"][0])
     assert {"mean_posterior_rate", "seen_fraction"} <= set(runs["mopps"]["schedule_history"][0])
     # GRESO with nothing seen twice draws uniform's prompts (the plan says so; here it is measured)
