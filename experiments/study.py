@@ -1,7 +1,7 @@
 """The GAIN-RL schedule study: run arms x seeds one after another, a pilot and its power analysis, the report.
 
     .venv/bin/python experiments/study.py plan                          # the planned design, checks, wall time
-    .venv/bin/python experiments/study.py run                           # the planned study (skips finished runs)
+    .venv/bin/python experiments/study.py run                           # the planned study, stage by stage (skips finished runs)
     .venv/bin/python experiments/study.py run --runs greso:0 mopps:0    # some runs only
     .venv/bin/python experiments/study.py pilot --arms uniform gainrl --seeds 0 1 2 --steps 10
     .venv/bin/python experiments/study.py power --dir experiments/results/pilot   # re-print a pilot's analysis
@@ -46,10 +46,15 @@ from gainrl_pl.evaluation.study_stats import (  # noqa: E402
     variance_components,
 )
 
-# The planned design (issue 18): every arm on the same seeds, compared with uniform seed by seed.
-PLANNED_ARMS = ["uniform", "gainrl", "length", "accuracy_curriculum", "pass_rate_priority", "greso", "mopps",
-                "uniform_filter"]
-PLANNED_SEEDS = 5
+# The planned design (issue 18): every arm on seeds 0..k-1, compared with uniform seed by seed. In stages, decided
+# from the pilot and the first 30-step runs (experiments/README.md, "The plan"): seed-to-seed noise is large, so
+# the paper's claim and its strongest cheap baseline come first, at 10 seeds; the other arms after, at 5.
+PLAN_STAGES: tuple[tuple[tuple[str, ...], int], ...] = (
+    (("uniform", "gainrl", "length"), 10),
+    (("accuracy_curriculum", "pass_rate_priority", "greso", "mopps", "uniform_filter"), 5),
+)
+PLANNED_ARMS = [arm for arms, _ in PLAN_STAGES for arm in arms]
+PLANNED_SEEDS = PLAN_STAGES[0][1]  # the main comparison's seeds (what the power analyses assume)
 PLANNED_STEPS = 30
 PLANNED_PROMPTS_PER_STEP = 4
 PLANNED_VAL_PROMPTS = 256
@@ -97,6 +102,11 @@ def run(specs: list[tuple[str, int]], design: str, out_dir: Path, extra: list[st
 def planned_specs(arms: list[str], seeds: list[int]) -> list[tuple[str, int]]:
     """Seed-major order: every arm of seed 0, then of seed 1, ... (a partial study stays paired)."""
     return [(arm, seed) for seed in seeds for arm in arms]
+
+
+def planned_study_specs() -> list[tuple[str, int]]:
+    """The planned study's runs: stage by stage (`PLAN_STAGES`), seed-major within each."""
+    return [spec for arms, seeds in PLAN_STAGES for spec in planned_specs(list(arms), list(range(seeds)))]
 
 
 def parse_specs(specs: list[str]) -> list[tuple[str, int]]:
@@ -535,9 +545,17 @@ def wall_time_model(runs: dict[str, dict[int, dict]], baseline: dict | None, *, 
             "per_run_overhead_s": float(np.mean(other)) if other else None}
 
 
+def estimate_plan_hours(model: dict) -> dict:
+    """`estimate_study_hours` of every stage of `PLAN_STAGES`, the shared baseline counted once."""
+    stages = [estimate_study_hours(model, list(arms), seeds, baseline=i == 0)
+              for i, (arms, seeds) in enumerate(PLAN_STAGES)]
+    return {"per_run_s": {a: v for e in stages for a, v in e["per_run_s"].items()},
+            "total_hours": sum(e["total_hours"] for e in stages), "runs": sum(e["runs"] for e in stages)}
+
+
 def estimate_study_hours(model: dict, arms: list[str] = PLANNED_ARMS, seeds: int = PLANNED_SEEDS,
                          steps: int = PLANNED_STEPS, validations: int = PLANNED_VALIDATIONS,
-                         val_prompts: int = PLANNED_VAL_PROMPTS) -> dict:
+                         val_prompts: int = PLANNED_VAL_PROMPTS, baseline: bool = True) -> dict:
     """Wall time of the planned study from measured unit costs (arms not measured: the measured mean per
     generated group, times their groups per step; DAPO-filtered arms: 2.1 groups per trained group, as in
     the miniature study)."""
@@ -555,7 +573,7 @@ def estimate_study_hours(model: dict, arms: list[str] = PLANNED_ARMS, seeds: int
         # the overhead holds the first step (one-off costs), so the steps add steps - 1
         run_s = (steps - 1) * step + validations * val_prompts * model["val_s_per_prompt"] + model["per_run_overhead_s"]
         per_arm[arm] = run_s
-    total = seeds * sum(per_arm.values()) + val_prompts * (model["baseline_s_per_prompt"] or 0.0)
+    total = seeds * sum(per_arm.values()) + baseline * val_prompts * (model["baseline_s_per_prompt"] or 0.0)
     return {"per_run_s": per_arm, "total_hours": total / 3600, "runs": seeds * len(arms)}
 
 
@@ -615,7 +633,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.cmd == "run":
         design = {"cpu": "miniature", "gpu": "gpu"}.get(args.scale, args.design)
         out_dir = Path(args.out_dir) if args.out_dir else (RESULTS if design == "miniature" else RESULTS / design)
-        specs = parse_specs(args.runs) if args.runs else planned_specs(PLANNED_ARMS, list(range(PLANNED_SEEDS)))
+        specs = parse_specs(args.runs) if args.runs else planned_study_specs()
         run(specs, design, out_dir, extra, Path(args.run_root) if args.run_root else None)
     elif args.cmd == "pilot":
         if args.steps % 2:
@@ -649,8 +667,9 @@ def print_plan(measured_dir: Path) -> None:
     draws = PLANNED_STEPS * PLANNED_PROMPTS_PER_STEP
     n_train = sum(1 for _ in (ROOT / "data/arithmetic/study_train.jsonl").open()) \
         if (ROOT / "data/arithmetic/study_train.jsonl").exists() else 0
-    print(f"\n## Planned design\n\narms: {', '.join(PLANNED_ARMS)}; {PLANNED_SEEDS} seeds each "
-          f"({len(PLANNED_ARMS) * PLANNED_SEEDS} runs), {PLANNED_STEPS} steps of {PLANNED_PROMPTS_PER_STEP} prompts "
+    stages = "; ".join(f"stage {i + 1}: {', '.join(arms)} x {seeds} seeds ({len(arms) * seeds} runs)"
+                       for i, (arms, seeds) in enumerate(PLAN_STAGES))
+    print(f"\n## Planned design\n\n{stages}; {PLANNED_STEPS} steps of {PLANNED_PROMPTS_PER_STEP} prompts "
           f"x G=4, validation on {PLANNED_VAL_PROMPTS} prompts at {PLANNED_VALIDATIONS} steps + the shared step 0.")
     print(f"A run draws {draws} prompts of {n_train}: "
           + ("no prompt comes back within a run, so GRESO (which only skips prompts it has seen) draws exactly "
@@ -663,7 +682,7 @@ def print_plan(measured_dir: Path) -> None:
         for clock, label in (("wall", "wall time as measured (with this machine's contention at the time)"),
                              ("cpu", "CPU time / threads (the cores to itself, perfect thread scaling: a floor)")):
             model = wall_time_model(runs, baseline, clock=clock)
-            est = estimate_study_hours(model)
+            est = estimate_plan_hours(model)
             if not model["train_step_s"]:
                 continue
             print(f"{label}, from {measured_dir}: train step (s) "

@@ -108,6 +108,9 @@ def test_run_order_is_seed_major_and_specs_parse():
     with pytest.raises(SystemExit, match="arm:seed"):
         study.parse_specs(["gainrl"])
     assert set(study.PLANNED_ARMS) <= set(run_ab.ARMS)
+    specs = study.planned_study_specs()  # stage 1 (3 arms x 10 seeds) before stage 2, seed-major in each
+    assert specs[:4] == [("uniform", 0), ("gainrl", 0), ("length", 0), ("uniform", 1)]
+    assert len(specs) == len(set(specs)) == 3 * 10 + 5 * 5 and specs[30] == ("accuracy_curriculum", 0)
 
 
 def test_wall_time_estimate_from_unit_costs():
@@ -147,3 +150,27 @@ def test_noise_command_reads_one_arms_saved_runs(tmp_path, capsys):
     assert final["mdd"]["10"] < final["mdd"]["5"]
     with pytest.raises(SystemExit, match="1 seed"):
         study.single_arm_noise(tmp_path, "gainrl")
+
+
+def test_run_ab_validates_on_the_vllm_engine_in_fp32(tmp_path):
+    """The powered design's decoding (2026-12-05): rollouts and greedy validation on the vLLM engine in fp32, said
+    in each result; an engine in another dtype is refused before anything runs."""
+    pytest.importorskip("vllm")
+    from gainrl_pl.testing import build_tiny_model_dir
+
+    model = build_tiny_model_dir(tmp_path / "tiny-vllm", hidden_size=128)  # a head size vLLM's CPU kernels take
+    out, logs = tmp_path / "out", tmp_path / "runs"
+    base = [sys.executable, str(REPO / "experiments" / "run_ab.py"), "--baseline", "--out-dir", str(out),
+            "--run-root", str(logs), "--", "--model.model_name_or_path", str(model), "--data.val_limit", "4",
+            "--model.val_max_completion_length", "4", "--model.max_completion_length", "4",
+            "--scheduler.use_cache", "false"]
+    refused = subprocess.run([*base, "--model.vllm.dtype", "bfloat16"], cwd=REPO, capture_output=True, text=True,
+                             timeout=300)
+    assert refused.returncode != 0 and "model.vllm.dtype is 'bfloat16', set it to float32" in refused.stderr
+    assert not (out / "baseline.json").exists()
+
+    proc = subprocess.run(base, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    baseline = json.loads((out / "baseline.json").read_text())
+    assert baseline["val_decoding"] == "fp32 greedy on the vLLM engine (model.vllm.dtype float32)"
+    assert baseline["rollout_engine"] == "vllm" and len(baseline["per_prompt"]) == 4
