@@ -91,6 +91,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rollouts", type=int, default=5, help="timed training-sized rollouts on the engine")
     args = ap.parse_args()
+    del sys.argv[1:]  # LightningCLI, built below with its own arguments, would also read ours
     engines = ["hf_fp32", f"vllm_{'fp32' if args.vllm_dtype == 'float32' else 'bf16'}"]
     torch.set_num_threads(args.threads)
     results = {}

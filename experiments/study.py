@@ -431,7 +431,7 @@ def power_analysis(out_dir: Path, *, seeds: int = PLANNED_SEEDS, val_prompts: in
 
 
 def single_arm_noise(out_dir: Path, arm: str = BASE_ARM, *, correlation: float = 0.0,
-                     planned: tuple[int, ...] = (PLANNED_SEEDS, 10)) -> dict:
+                     planned: tuple[int, ...] = (5, PLANNED_SEEDS)) -> dict:
     """Seed-to-seed noise of one arm's runs, and the gaps a paired design could resolve if the compared arm
     were as noisy.
 
