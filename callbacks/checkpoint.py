@@ -59,6 +59,7 @@ class GainRLCheckpoint(ModelCheckpoint):
         # rank's RNG states at the last batch end (the validation's DataLoader draws a seed before it starts)
         self._pre_validation: dict[str, Any] | None = None
         self._batch_end_rng: dict[str, Any] | None = None
+        self._save_after_validation = False
 
     def _save_last(self, trainer: pl.Trainer) -> None:
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -135,6 +136,12 @@ class GainRLCheckpoint(ModelCheckpoint):
         if self._pre_validation is None:
             return
         if self._sigterm_agreed(trainer):  # a collective: every rank runs the same validation batches
+            if batch_idx + 1 >= trainer.num_val_batches[dataloader_idx]:
+                # The last batch: Lightning finishes this validation (its metrics are logged) before it stops,
+                # so the checkpoint is taken after it, as ModelCheckpoint would, and the resume does not repeat it
+                self._pre_validation = None
+                self._save_after_validation = True
+                return
             path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             self.last_model_path = path
             trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
@@ -149,6 +156,12 @@ class GainRLCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
         self._pre_validation = None
+        if self._save_after_validation:
+            self._save_after_validation = False
+            self._save_last(trainer)
+            if trainer.is_global_zero:
+                print(f"[gainrl] SIGTERM during validation: saved step {trainer.global_step} after its last batch to "
+                      f"{self.last_model_path}", flush=True)
 
     # ----------------------------------------------------------------- SIGTERM under DDP
     # A checkpoint save is collective (the RNG states are gathered, Lightning's barrier follows), so every rank

@@ -52,8 +52,8 @@ def console_problems(text: str) -> list[str]:
 
 
 class SigtermDuringValidation(pl.Callback):
-    """Sends this process SIGTERM at the end of the first validation batch after step $GAINRL_SIGTERM_VAL_STEP
-    (a scheduler preempting a run in the middle of a long validation)."""
+    """Sends this process SIGTERM at the end of validation batch $GAINRL_SIGTERM_VAL_BATCH (default 0) after step
+    $GAINRL_SIGTERM_VAL_STEP (a scheduler preempting a run in the middle of a long validation)."""
 
     def __init__(self) -> None:
         self.sent = False
@@ -62,7 +62,8 @@ class SigtermDuringValidation(pl.Callback):
         import signal
 
         if (not self.sent and not trainer.sanity_checking
-                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])):
+                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])
+                and batch_idx == int(os.environ.get("GAINRL_SIGTERM_VAL_BATCH", "0"))):
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 

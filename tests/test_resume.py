@@ -199,21 +199,24 @@ def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path, str
     assert sorted(p.name for p in (run_dir / "runs/demo/csv").iterdir()) == ["version_0"]
 
 
+@pytest.mark.parametrize("val_batch", [0, 1], ids=["first_batch", "last_batch"])
 def test_sigterm_during_validation_saves_the_step_and_resume_validates_it_again(tiny_model_dir, tmp_path,
-                                                                               straight_cli):
-    """A preemption in the middle of a long validation: the run stops after the current validation batch (not
-    after the validation and one more step), `last.ckpt` holds the step the validation followed, and
-    `--ckpt_path last` validates that step again and continues as if nothing happened."""
+                                                                               straight_cli, val_batch):
+    """A preemption in the middle of a long validation (2 batches here): the run stops after the current
+    validation batch (not after the validation and one more step), `last.ckpt` holds the step the validation
+    followed, and `--ckpt_path last` validates that step again and continues as if nothing happened. At the
+    last batch the validation finishes and is kept: the resume does not repeat it."""
     import os
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    os.environ["GAINRL_SIGTERM_VAL_STEP"] = "4"  # read by cli_probe in the child (its environment is a copy)
+    # read by cli_probe in the child (its environment is a copy of this one)
+    os.environ.update(GAINRL_SIGTERM_VAL_STEP="4", GAINRL_SIGTERM_VAL_BATCH=str(val_batch))
     try:
         cut = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5",
                         "--trainer.callbacks+=cli_probe.SigtermDuringValidation")
     finally:
-        del os.environ["GAINRL_SIGTERM_VAL_STEP"]
+        del os.environ["GAINRL_SIGTERM_VAL_STEP"], os.environ["GAINRL_SIGTERM_VAL_BATCH"]
     assert "SIGTERM during validation: saved step 4" in cut, cut[-3000:]
     assert sorted(records(run_dir / "record.jsonl")) == [1, 2, 3, 4]  # step 5 never started
     csv_dir = run_dir / "runs/demo/csv/version_0"
@@ -221,7 +224,8 @@ def test_sigterm_during_validation_saves_the_step_and_resume_validates_it_again(
     assert state["global_step"] == 4
     straight_rows = metrics_rows(straight_cli / "runs/demo/csv/version_0")
     assert any(r[0] == "3" and r[5] for r in straight_rows)  # the straight run's validation after step 4
-    assert not any(r[0] == "3" and r[5] for r in metrics_rows(csv_dir))  # the cut one logged nothing
+    # cut in the middle: nothing logged; cut at the last batch: the finished validation logged
+    assert any(r[0] == "3" and r[5] for r in metrics_rows(csv_dir)) == (val_batch == 1)
 
     resumed = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5", "--ckpt_path", "last",
                         record="resumed.jsonl")
