@@ -99,7 +99,10 @@ class GainRLCheckpoint(ModelCheckpoint):
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization",
                                     category=UserWarning)
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
-        # Lightning raises SIGTERMException right after this hook; save first so the run can resume.
+        # Lightning stops after this batch (SIGTERMException); save first so the run can resume. A validation due
+        # after this batch still starts (and is cut after its first batch): its first batch then saves again,
+        # marked to be validated again (on_validation_batch_end), since this checkpoint, of an epoch's last
+        # batch, would resume past that validation (Lightning counts the epoch as finished).
         if self._sigterm_agreed(trainer) and self.dirpath is not None:  # a collective: every rank, every batch
             self._save_last(trainer)
         # The final step is saved here, at its batch end like every other: saved in on_train_end, the checkpoint

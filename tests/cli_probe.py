@@ -53,17 +53,26 @@ def console_problems(text: str) -> list[str]:
 
 class SigtermDuringValidation(pl.Callback):
     """Sends this process SIGTERM at the end of validation batch $GAINRL_SIGTERM_VAL_BATCH (default 0) after step
-    $GAINRL_SIGTERM_VAL_STEP (a scheduler preempting a run in the middle of a long validation)."""
+    $GAINRL_SIGTERM_VAL_STEP (a scheduler preempting a run in the middle of a long validation); with
+    GAINRL_SIGTERM_VAL_BATCH=train, at the end of that step's training batch, before its validation."""
 
     def __init__(self) -> None:
         self.sent = False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        import signal
+
+        if (os.environ.get("GAINRL_SIGTERM_VAL_BATCH") == "train" and not self.sent
+                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])):
+            self.sent = True
+            os.kill(os.getpid(), signal.SIGTERM)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         import signal
 
         if (not self.sent and not trainer.sanity_checking
                 and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])
-                and batch_idx == int(os.environ.get("GAINRL_SIGTERM_VAL_BATCH", "0"))):
+                and str(batch_idx) == os.environ.get("GAINRL_SIGTERM_VAL_BATCH", "0")):
             self.sent = True
             os.kill(os.getpid(), signal.SIGTERM)
 

@@ -199,19 +199,20 @@ def test_cli_resume_continues_the_run_and_its_logs(tiny_model_dir, tmp_path, str
     assert sorted(p.name for p in (run_dir / "runs/demo/csv").iterdir()) == ["version_0"]
 
 
-@pytest.mark.parametrize("val_batch", [0, 1], ids=["first_batch", "last_batch"])
+@pytest.mark.parametrize("val_batch", ["train", "0", "1"], ids=["before_it", "first_batch", "last_batch"])
 def test_sigterm_during_validation_saves_the_step_and_resume_validates_it_again(tiny_model_dir, tmp_path,
                                                                                straight_cli, val_batch):
     """A preemption in the middle of a long validation (2 batches here): the run stops after the current
     validation batch (not after the validation and one more step), `last.ckpt` holds the step the validation
     followed, and `--ckpt_path last` validates that step again and continues as if nothing happened. At the
-    last batch the validation finishes and is kept: the resume does not repeat it."""
+    last batch the validation finishes and is kept: the resume does not repeat it. SIGTERM during the training step
+    before the validation (`before_it`) was saved at that batch end, and the resume skipped the validation."""
     import os
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     # read by cli_probe in the child (its environment is a copy of this one)
-    os.environ.update(GAINRL_SIGTERM_VAL_STEP="4", GAINRL_SIGTERM_VAL_BATCH=str(val_batch))
+    os.environ.update(GAINRL_SIGTERM_VAL_STEP="4", GAINRL_SIGTERM_VAL_BATCH=val_batch)
     try:
         cut = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5",
                         "--trainer.callbacks+=cli_probe.SigtermDuringValidation")
@@ -225,7 +226,7 @@ def test_sigterm_during_validation_saves_the_step_and_resume_validates_it_again(
     straight_rows = metrics_rows(straight_cli / "runs/demo/csv/version_0")
     assert any(r[0] == "3" and r[5] for r in straight_rows)  # the straight run's validation after step 4
     # cut in the middle: nothing logged; cut at the last batch: the finished validation logged
-    assert any(r[0] == "3" and r[5] for r in metrics_rows(csv_dir)) == (val_batch == 1)
+    assert any(r[0] == "3" and r[5] for r in metrics_rows(csv_dir)) == (val_batch == "1")
 
     resumed = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5", "--ckpt_path", "last",
                         record="resumed.jsonl")
