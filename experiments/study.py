@@ -280,6 +280,9 @@ def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dic
             f"{auc.get('arm', float('nan')):.3f} | {_ci(auc)} | "
             f"{reach.get('arm', float('nan')):.1f} | {_ci(reach, '+.1f')} | {r['train_reward']:.3f} | "
             f"{r['groups_generated']:.0f} / {r['groups_trained']:.0f} | {r['wall_s']:.0f} |")
+    if any(r["arm"] != BASE_ARM and r["seeds"] < 2 for r in rows):
+        lines += ["", "**An arm with 1 seed**: its interval resamples the validation prompts only, not the training "
+                  "noise between seeds (which is larger): a * there is not evidence of a difference."]
     names = list(families["baseline"])
     lines += ["", "| final val accuracy by family | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     for arm, fam in families.items():
