@@ -42,17 +42,23 @@ class GainRLCheckpoint(ModelCheckpoint):
             run (Lightning's default), where `--ckpt_path last` finds them.
         enable_version_counter: Add `-v1`, `-v2` to a name that exists instead of replacing the file; off, so
             `last.ckpt` is always the newest.
+        save_before_validation: When a save and a validation fall on the same step, write `last.ckpt` again as
+            the validation starts, marked to be validated again, and once more when it ends. A run killed
+            without warning (SIGKILL, OOM killer, a lost node) during that validation then validates the step
+            again on resume; otherwise the resume counts it as done and its metrics are never logged. Costs two
+            extra writes of `last.ckpt` (not of the Hugging Face copy) at such steps only.
         (other arguments: see lightning's ModelCheckpoint)
     """
 
     def __init__(self, *args, save_hf: bool = True, every_n_train_steps: int | None = 50, save_top_k: int = 2,
                  save_last: bool | None = True, monitor: str | None = "step", mode: str = "max",
                  filename: str | None = "step{step:06d}", auto_insert_metric_name: bool = False,
-                 enable_version_counter: bool = False, **kwargs) -> None:
+                 enable_version_counter: bool = False, save_before_validation: bool = True, **kwargs) -> None:
         super().__init__(*args, every_n_train_steps=every_n_train_steps, save_top_k=save_top_k, save_last=save_last,
                          monitor=monitor, mode=mode, filename=filename, auto_insert_metric_name=auto_insert_metric_name,
                          enable_version_counter=enable_version_counter, **kwargs)
         self.save_hf = save_hf
+        self.save_before_validation = save_before_validation
         self._sigterm_received = False  # this rank's; acted on only once every rank agrees (on_train_batch_end)
         self._user_sigterm_handler = None
         # The checkpoint of the batch end that a validation follows, built (not written) as it starts; this
@@ -60,6 +66,8 @@ class GainRLCheckpoint(ModelCheckpoint):
         self._pre_validation: dict[str, Any] | None = None
         self._batch_end_rng: dict[str, Any] | None = None
         self._save_after_validation = False
+        self._saved_at_batch_end: int | None = None  # the global step whose batch end wrote last.ckpt
+        self._rewrite_after_validation = False
 
     def _save_last(self, trainer: pl.Trainer) -> None:
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -98,6 +106,7 @@ class GainRLCheckpoint(ModelCheckpoint):
             # resume needs (the next step starts from it), so the warning asks for the wrong thing here.
             warnings.filterwarnings("ignore", message="Using ModelCheckpoint with manual optimization",
                                     category=UserWarning)
+            saved_before = self._last_global_step_saved
             super().on_train_batch_end(trainer, pl_module, outputs, batch, batch_idx)
         # Lightning stops after this batch (SIGTERMException); save first so the run can resume. A validation due
         # after this batch still starts (and is cut after its first batch): its first batch then saves again,
@@ -111,6 +120,8 @@ class GainRLCheckpoint(ModelCheckpoint):
         elif (self.dirpath is not None and 0 < trainer.max_steps <= trainer.global_step
               and self._last_global_step_saved != trainer.global_step):
             self._save_last(trainer)
+        self._saved_at_batch_end = (trainer.global_step if self._last_global_step_saved == trainer.global_step
+                                    != saved_before else None)
         self._batch_end_rng = collect_rng_states()  # copies, a few kB: what a save here would have held
 
     # ----------------------------------------------------------------- SIGTERM during a validation in fit
@@ -134,6 +145,18 @@ class GainRLCheckpoint(ModelCheckpoint):
             for counts in (progress["total"], progress["current"]):
                 counts["started"] = counts["ready"]
         self._pre_validation = checkpoint
+        if self.save_before_validation and self._saved_at_batch_end == trainer.global_step:
+            # the batch end's last.ckpt would resume past this validation: replace it with the marked state
+            self._write_pre_validation(trainer)
+            self._rewrite_after_validation = True
+
+    def _write_pre_validation(self, trainer: pl.Trainer) -> str:
+        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+        self.last_model_path = path
+        trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
+        trainer.strategy.save_checkpoint(self._pre_validation, path)
+        trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
+        return path
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if self._pre_validation is None:
@@ -145,13 +168,10 @@ class GainRLCheckpoint(ModelCheckpoint):
                 self._pre_validation = None
                 self._save_after_validation = True
                 return
-            path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-            self.last_model_path = path
-            trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
-            trainer.strategy.save_checkpoint(self._pre_validation, path)
-            trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
+            path = self._write_pre_validation(trainer)
             self._save_hf(trainer, path)
             self._pre_validation = None
+            self._rewrite_after_validation = False  # the marked checkpoint is the one to resume from
             if trainer.is_global_zero:
                 print(f"[gainrl] SIGTERM during validation: saved step {trainer.global_step} as it was before this "
                       f"validation to {path}; resuming validates it again", flush=True)
@@ -159,6 +179,11 @@ class GainRLCheckpoint(ModelCheckpoint):
     def on_validation_end(self, trainer, pl_module) -> None:
         super().on_validation_end(trainer, pl_module)
         self._pre_validation = None
+        if self._rewrite_after_validation and not self._save_after_validation:
+            # finished: a resume from here must not validate this step again (weights unchanged: no new HF copy)
+            path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            super()._save_checkpoint(trainer, path)
+        self._rewrite_after_validation = False
         if self._save_after_validation:
             self._save_after_validation = False
             self._save_last(trainer)

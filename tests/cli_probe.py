@@ -54,25 +54,32 @@ def console_problems(text: str) -> list[str]:
 class SigtermDuringValidation(pl.Callback):
     """Sends this process SIGTERM at the end of validation batch $GAINRL_SIGTERM_VAL_BATCH (default 0) after step
     $GAINRL_SIGTERM_VAL_STEP (a scheduler preempting a run in the middle of a long validation); with
-    GAINRL_SIGTERM_VAL_BATCH=train, at the end of that step's training batch, before its validation."""
+    GAINRL_SIGTERM_VAL_BATCH=train, at the end of that step's training batch, before its validation; with `next`,
+    as the next training batch starts, after it. GAINRL_SIGTERM_VAL_SIGNAL=KILL sends SIGKILL instead (no grace)."""
 
     def __init__(self) -> None:
         self.sent = False
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+    def _send(self) -> None:
         import signal
 
-        if (os.environ.get("GAINRL_SIGTERM_VAL_BATCH") == "train" and not self.sent
-                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])):
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+        self.sent = True
+        os.kill(os.getpid(), getattr(signal, "SIG" + os.environ.get("GAINRL_SIGTERM_VAL_SIGNAL", "TERM")))
+
+    def _at_step(self, trainer, where: str) -> bool:
+        return (not self.sent and not trainer.sanity_checking
+                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])
+                and os.environ.get("GAINRL_SIGTERM_VAL_BATCH", "0") == where)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._at_step(trainer, "train"):
+            self._send()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self._at_step(trainer, "next"):
+            self._send()
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
-        import signal
-
-        if (not self.sent and not trainer.sanity_checking
-                and trainer.global_step == int(os.environ["GAINRL_SIGTERM_VAL_STEP"])
-                and str(batch_idx) == os.environ.get("GAINRL_SIGTERM_VAL_BATCH", "0")):
-            self.sent = True
-            os.kill(os.getpid(), signal.SIGTERM)
+        if self._at_step(trainer, str(batch_idx)):
+            self._send()
 

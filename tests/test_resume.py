@@ -244,6 +244,41 @@ def test_sigterm_during_validation_saves_the_step_and_resume_validates_it_again(
     assert [r[0] for r in metrics_rows(csv_dir) if r[5]] == ["0", "3"]  # the baseline and step 4's validation
 
 
+@pytest.mark.parametrize("where", ["0", "next"], ids=["during_validation", "after_validation"])
+def test_sigkill_around_a_validation_after_a_save_resumes_with_it_validated_once(tiny_model_dir, tmp_path,
+                                                                                 straight_cli, where):
+    """No grace: SIGKILL during the validation that follows step 4's save (the demo config saves every 4 steps)
+    or just after it. Step 4's batch-end `last.ckpt` alone would resume past that validation, and its metrics
+    would never be logged; the checkpoint rewritten as the validation starts validates it again, the one
+    rewritten as it ends does not."""
+    import os
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    os.environ.update(GAINRL_SIGTERM_VAL_STEP="4", GAINRL_SIGTERM_VAL_BATCH=where, GAINRL_SIGTERM_VAL_SIGNAL="KILL")
+    try:
+        proc = start_fit(run_dir, tiny_model_dir, "--trainer.max_steps", "5",
+                         "--trainer.callbacks+=cli_probe.SigtermDuringValidation")
+        proc.communicate(timeout=300)
+    finally:
+        for name in ("GAINRL_SIGTERM_VAL_STEP", "GAINRL_SIGTERM_VAL_BATCH", "GAINRL_SIGTERM_VAL_SIGNAL"):
+            del os.environ[name]
+    assert proc.returncode == -signal.SIGKILL
+    csv_dir = run_dir / "runs/demo/csv/version_0"
+    assert torch.load(csv_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+
+    resumed = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5", "--ckpt_path", "last",
+                        record="resumed.jsonl")
+    assert console_problems(resumed) == [], resumed
+    assert sorted(records(run_dir / "resumed.jsonl")) == [5]
+    assert_same_steps(records(straight_cli / "record.jsonl"), records(run_dir / "resumed.jsonl"), [5])
+    rows = metrics_rows(csv_dir)
+    val_rows = [r for r in rows if r[5]]
+    straight_val = [r for r in metrics_rows(straight_cli / "runs/demo/csv/version_0") if r[5]]
+    assert [r[0] for r in val_rows] == ["0", "3"], rows  # step 4's validation logged, once
+    assert [r[5] for r in val_rows] == [r[5] for r in straight_val]
+
+
 def test_cli_validate_last_evaluates_the_newest_checkpoint(tiny_model_dir, tmp_path, monkeypatch):
     from gainrl_pl.cli import run_lightning_cli
 
