@@ -153,8 +153,10 @@ class GainRLScheduler(pl.Callback):
         self.history.append(entry)
         for key, value in entry.items():
             if isinstance(value, float) and key not in ("round", "step"):
-                # one value per round: batch_size=1 (else Lightning guesses one from the batch, with a warning)
-                pl_module.log(f"gainrl/{key}", value, on_step=False, on_epoch=True, prog_bar=key == "mu",
+                # Logged with this batch's step, not at the epoch end: a run stopped during the validation that
+                # follows (SIGTERM, SIGKILL) never reaches that epoch end, and its resume does not redo this batch,
+                # so the round's row would be logged by no process. batch_size=1: one value per round.
+                pl_module.log(f"gainrl/{key}", value, on_step=True, on_epoch=False, prog_bar=key == "mu",
                               batch_size=1)
         k = self.rescore_every_n_rounds
         if k and len(self.history) % k == 0 and dm.schedule.name == "angle":

@@ -44,9 +44,8 @@ def quiet_library_noise() -> None:
     warnings.filterwarnings("ignore", message=r"The '\w+' does not have many workers which may be a bottleneck")
     # vLLM's in-process engine initializes torch.distributed (a world of 1), after which Lightning asks every
     # epoch-level log for `sync_dist=True`. Our validation metrics are torchmetrics, whose compute() already
-    # reduces across ranks; the scheduler's per-round `gainrl/` values are computed from every rank's gathered
-    # rollouts, the same on each rank (tests/test_vllm_engine.py).
-    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('(val|gainrl)/")
+    # reduces across ranks (tests/test_vllm_engine.py). The scheduler's per-round `gainrl/` values are step-level.
+    warnings.filterwarnings("ignore", message=r"It is recommended to use `self.log\('val/")
     # lightning 2.6 calls an API that torch 2.13 deprecates, once per logged batch; nothing a user can change.
     warnings.filterwarnings("ignore", message=r"`isinstance\(treespec, LeafSpec\)` is deprecated",
                             category=FutureWarning)
