@@ -67,6 +67,9 @@ class Record(pl.Callback):
         if self.dies and trainer.global_step == self.die_after and self.sig == "term":
             os.kill(os.getpid(), signal.SIGTERM)  # Lightning finishes the hook chain, then we save and exit
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        SAMPLED.clear()  # the validation's completions (its reward calls) are not the next step's
+
     def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
         # SIGKILL right after the previous step's checkpoint was written: nothing gets to clean up
         if self.dies and trainer.global_step == self.die_after and self.sig == "kill":
@@ -98,6 +101,7 @@ def main() -> None:
     p.add_argument("--devices", type=int, default=1, help="> 1: DDP over gloo")
     p.add_argument("--scale-rewards", default="group")
     p.add_argument("--score-cache", default=None, help="a score-cache root with one directory per rank")
+    p.add_argument("--val", type=int, default=0, help="> 0: validate on the first N rows after each round")
     args = p.parse_args()
     torch.set_num_threads(1)
     torch.use_deterministic_algorithms(True)
@@ -117,7 +121,8 @@ def main() -> None:
                         scale_rewards=args.scale_rewards, lora=LoraSettings(r=4, alpha=8) if args.lora else None)
     dm = GainRLDataModule(train_data=args.data, preset="generic", prompt="none", tokenizer=args.model,
                           prompts_per_step=2, schedule=ScheduleSettings(name="angle", subset_size=6, sigma=0.5,
-                                                                         step_size=0.2, max_shift=0.3))
+                                                                         step_size=0.2, max_shift=0.3),
+                          val_data=args.data if args.val else None, val_limit=args.val or None, val_batch_size=1)
     ckpt = GainRLCheckpoint(dirpath=out / "ckpt", every_n_train_steps=1, save_top_k=2)
     callbacks = [GainRLScheduler(use_cache=False), Record(out, args.die_after, args.signal, args.signal_rank), ckpt]
     if args.score_cache:

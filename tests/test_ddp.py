@@ -162,9 +162,15 @@ def one_prompt_data(tmp_path_factory):
 
 def test_two_rank_sigterm_on_one_rank_then_exact_resume(tiny_model_dir, one_prompt_data, tmp_path):
     """An uninterrupted 2-rank run, then one where rank 1 alone gets SIGTERM after step 2 and rank 0 alone has the
-    angle scores in its node-local cache, then its resume: steps 3-4 equal the uninterrupted run's on each rank."""
+    angle scores in its node-local cache, then its resume: steps 3-4 equal the uninterrupted run's on each rank.
+    Each run validates after each round of 2 steps, where a save falls too: the checkpoint's writes around a
+    validation are collectives every rank must join (a rank left out hangs the run), and the SIGTERM reaches
+    rank 1 in the training step before one."""
     straight = run_resume_script(tiny_model_dir, one_prompt_data, tmp_path / "straight", "--steps", "4",
-                                 "--score-cache", str(tmp_path / "cache_straight"))
+                                 "--score-cache", str(tmp_path / "cache_straight"), "--val", "2")
+    loops = torch.load(tmp_path / "straight" / "ckpt" / "last.ckpt", weights_only=False)["loops"]["fit_loop"]
+    # its last.ckpt is the one rewritten after step 4's validation (counts are per epoch, one batch per rank)
+    assert loops["epoch_loop.val_loop.batch_progress"]["total"]["completed"] == 1, "written before the validation"
     for s0, s1 in zip(*straight, strict=True):
         # the same prompt on both ranks, yet each rank draws its own completions (its own RNG streams)
         assert s0["prompts"] == s1["prompts"] and s0["completions"] != s1["completions"]
@@ -183,7 +189,7 @@ def test_two_rank_sigterm_on_one_rank_then_exact_resume(tiny_model_dir, one_prom
     scores.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = tmp_path / "cut"
     first = run_resume_script(tiny_model_dir, one_prompt_data, out, "--steps", "4", "--die-after", "2",
-                              "--signal", "term", "--signal-rank", "1", "--score-cache", str(cache))
+                              "--signal", "term", "--signal-rank", "1", "--score-cache", str(cache), "--val", "2")
     for rank in (0, 1):
         assert [r["step"] for r in first[rank]] == [1, 2], "every rank stops after the agreed SIGTERM save"
         assert first[rank][0]["ranking_summary"]["intra_mean"] == 0.125, "rank 0's cached scores reach every rank"
@@ -193,7 +199,7 @@ def test_two_rank_sigterm_on_one_rank_then_exact_resume(tiny_model_dir, one_prom
     states = ckpt["gainrl_rng_states"]  # one per rank, and they differ
     assert len(states) == 2 and not torch.equal(states[0]["torch"], states[1]["torch"])
 
-    resumed = run_resume_script(tiny_model_dir, one_prompt_data, out, "--steps", "4", "--resume")
+    resumed = run_resume_script(tiny_model_dir, one_prompt_data, out, "--steps", "4", "--resume", "--val", "2")
     for rank in (0, 1):
         assert [r["step"] for r in resumed[rank]] == [1, 2, 3, 4]
         for a, b in zip(straight[rank], resumed[rank], strict=True):
