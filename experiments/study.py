@@ -37,6 +37,7 @@ sys.path.insert(0, str(ROOT))  # `from gainrl_pl...` when run as a script from a
 from gainrl_pl.evaluation.study_stats import (  # noqa: E402
     METRICS,
     curve_area,
+    label_shares_by_phase,
     minimum_detectable_difference,
     paired_bootstrap,
     paired_sd_from_arm_sd,
@@ -232,6 +233,28 @@ def family_table(runs: dict[str, dict[int, dict]], baseline: dict) -> dict[str, 
     return out
 
 
+def drawn_family_table(runs: dict[str, dict[int, dict]], phases: int = 3) -> dict[str, list[dict]]:
+    """Per arm: the share of each task family among the prompts drawn in each third of training (mean over
+    seeds), with the steps each third spans. Why an arm ends where it does: what it trained on late."""
+    out = {}
+    for arm, rs in runs.items():
+        per_seed, spans = [], None
+        arm_phases = min([phases] + [len(r["train"]) for r in rs.values()])  # a smoke run may have fewer steps
+        if arm_phases < 1:
+            continue
+        for r in rs.values():
+            family = {p["position"]: p["family"] for p in r["prompts"]}
+            steps = [t["step"] for t in r["train"]]
+            drawn = [[family[i] for i in t["indices"]] for t in r["train"]]
+            per_seed.append(label_shares_by_phase(drawn, arm_phases))
+            spans = [(int(s[0]), int(s[-1])) for s in np.array_split(np.asarray(steps), arm_phases)]
+        names = {f for shares in per_seed for phase in shares for f in phase}
+        out[arm] = [{"steps": list(span), "shares": {f: float(np.mean([s[k].get(f, 0.0) for s in per_seed]))
+                                                      for f in sorted(names)}}
+                    for k, span in enumerate(spans)]
+    return out
+
+
 def first_solved_spearman(runs: dict[str, dict[int, dict]]) -> dict[str, dict[str, float]]:
     """Over the prompts each run drew: Spearman of first-solved step with the angle rank, length and level.
 
@@ -264,7 +287,8 @@ def _ci(d: dict | None, fmt: str = "+.3f") -> str:
     return f"{d['difference']:{fmt}} [{d['low']:{fmt}}, {d['high']:{fmt}}]{mark}"
 
 
-def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dict) -> str:
+def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dict,
+                   drawn: dict | None = None) -> str:
     lines = [f"Validation: {baseline['num_val_prompts']} prompts, {baseline['val_decoding']}; step-0 accuracy "
              f"{baseline['accuracy']:.3f} (shared by every run). Differences are arm - uniform on the same seeds, "
              "mean over seeds, with 95 % paired bootstrap intervals over seeds and validation prompts; * = the "
@@ -287,6 +311,14 @@ def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dic
     lines += ["", "| final val accuracy by family | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     for arm, fam in families.items():
         lines.append(f"| {arm} | " + " | ".join(f"{fam[n]:.2f}" for n in names) + " |")
+    if drawn:
+        lines += ["", "| share of the prompts drawn, by family (mean over seeds) | " + " | ".join(names) + " |",
+                  "|" + " --- |" * (len(names) + 1)]
+        for arm, phases in drawn.items():
+            for phase in phases:
+                first, last = phase["steps"]
+                lines.append(f"| {arm}, steps {first}-{last} | "
+                             + " | ".join(f"{phase['shares'].get(n, 0.0):.2f}" for n in names) + " |")
     lines += ["", "| Spearman(first-solved step, ...) over drawn prompts | angle rank | question tokens | level |",
               "| --- | --- | --- | --- |"]
     for arm, rho in solved.items():
@@ -349,9 +381,10 @@ def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
     rows = compare(runs, baseline, replicates=replicates)
     families = family_table(runs, baseline)
     solved = first_solved_spearman(runs)
+    drawn = drawn_family_table(runs)
     summary = {"baseline_accuracy": baseline["accuracy"], "num_val_prompts": baseline["num_val_prompts"],
                "val_decoding": baseline["val_decoding"], "arms": rows, "families": families,
-               "first_solved_spearman": solved,
+               "first_solved_spearman": solved, "drawn_families": drawn,
                "wall_time": {c: wall_time_model(runs, baseline, clock=c) for c in ("wall", "cpu")}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     flat = []
@@ -368,7 +401,7 @@ def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
         writer.writeheader()
         writer.writerows(flat)
     plot_power(runs, baseline, rows, out_dir)
-    text = power_markdown(rows, baseline, families, solved)
+    text = power_markdown(rows, baseline, families, solved, drawn)
     (out_dir / "summary.md").write_text(text + "\n")
     print(f"## {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}\n\n{text}\n")
     return summary
@@ -475,7 +508,7 @@ def print_noise(noise: dict) -> None:
     print(f"\n## Seed-to-seed noise of {noise['arm']} ({len(noise['seeds'])} seeds: {noise['seeds']}), "
           f"from {noise['dir']}\n")
     print("step   " + "  ".join(f"{int(s):>6d}" for s in noise["steps"]))
-    for seed, curve in zip(noise["seeds"], noise["curves"]):
+    for seed, curve in zip(noise["seeds"], noise["curves"], strict=True):
         print(f"seed {seed:<2d}" + "  ".join(f"{v:6.3f}" for v in curve))
     print("sd     " + "  ".join(f"{v:6.3f}" for v in noise["sd_by_step"]))
     for metric, e in noise["metrics"].items():

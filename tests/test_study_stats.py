@@ -8,6 +8,7 @@ import pytest
 from gainrl_pl.evaluation.study_stats import (
     curve_area,
     final_accuracy,
+    label_shares_by_phase,
     minimum_detectable_difference,
     paired_bootstrap,
     paired_sd_from_arm_sd,
@@ -166,3 +167,16 @@ def test_variance_components_recover_known_parts():
     assert fixed_part == pytest.approx(np.sqrt(c.prompt / 256))
     one = variance_components(d[:1])  # one seed: the prompt part cannot be separated, only bounded
     assert one.prompt is None and one.prompt_upper == pytest.approx(0.2 ** 2 + 0.4 ** 2, rel=0.2)
+
+
+def test_label_shares_by_phase_splits_steps_and_counts_each_draw():
+    drawn = [["easy", "easy"], ["easy", "hard"], ["hard", "hard"], ["hard", "mid"], ["mid", "mid"]]
+    early, late = label_shares_by_phase(drawn, phases=2)  # steps 1-3, 4-5 (the first span gets the extra step)
+    assert early == pytest.approx({"easy": 0.5, "hard": 0.5})
+    assert late == pytest.approx({"hard": 0.25, "mid": 0.75})
+    assert label_shares_by_phase(drawn, phases=1)[0] == pytest.approx({"easy": 0.3, "hard": 0.4, "mid": 0.3})
+    assert [sum(s.values()) for s in label_shares_by_phase(drawn, phases=5)] == pytest.approx([1.0] * 5)
+    with pytest.raises(ValueError, match="phases=6"):
+        label_shares_by_phase(drawn, phases=6)
+    with pytest.raises(ValueError, match="steps 2-2"):
+        label_shares_by_phase([["a"], [], ["b"]], phases=3)

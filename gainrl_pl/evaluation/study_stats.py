@@ -284,3 +284,23 @@ def variance_components(differences: np.ndarray) -> VarianceComponents:
 __all__ = ["METRICS", "PairedComparison", "VarianceComponents", "curve_area", "final_accuracy",
            "minimum_detectable_difference", "paired_bootstrap", "paired_sd_from_arm_sd", "sd_interval", "seeds_needed",
            "steps_to_reach", "variance_components"]
+
+
+def label_shares_by_phase(drawn: Sequence[Sequence[str]], phases: int = 3) -> list[dict[str, float]]:
+    """Share of each label among the prompts drawn in each of `phases` contiguous spans of training steps.
+
+    `drawn[i]` holds the labels (task families, say) of the prompts drawn at step i + 1. The steps are split
+    as evenly as possible (the first spans get the extra step); a span's shares sum to 1, and a label not
+    drawn in a span is absent from it. What a schedule trained on early versus late, which the final accuracy
+    by family alone does not show.
+    """
+    if phases < 1 or phases > len(drawn):
+        raise ValueError(f"phases={phases}: need 1 <= phases <= the {len(drawn)} steps given")
+    out = []
+    for span in np.array_split(np.arange(len(drawn)), phases):
+        labels = [label for i in span for label in drawn[int(i)]]
+        if not labels:
+            raise ValueError(f"no prompts drawn in steps {int(span[0]) + 1}-{int(span[-1]) + 1}")
+        names, counts = np.unique(np.asarray(labels, dtype=object), return_counts=True)
+        out.append({str(n): float(c) / len(labels) for n, c in zip(names, counts, strict=True)})
+    return out
