@@ -31,7 +31,10 @@ def main(argv: list[str] | None = None) -> None:
     from gainrl_pl.console import quiet_library_noise
 
     quiet_library_noise()
-    argv = list(sys.argv[1:] if argv is None else argv)
+    from_command_line = argv is None
+    argv = resolve_config_paths(list(sys.argv[1:] if argv is None else argv))
+    if from_command_line:
+        sys.argv[1:] = argv  # LightningCLI reads sys.argv itself
     if argv and argv[0] in TOOLS:
         import importlib
 
@@ -46,6 +49,30 @@ def main(argv: list[str] | None = None) -> None:
     except NothingToResumeError as err:
         print(f"gainrl-pl: error: {err}", file=sys.stderr)
         sys.exit(2)
+
+
+def resolve_config_paths(argv: list[str]) -> list[str]:
+    """`--config configs/demo.yaml` from any directory: a `--config` path that does not exist from the CWD is
+    looked up in the repository, then among the configs a wheel install ships (`shipped_file`); anything else
+    (an existing file, inline YAML, a path found nowhere, which jsonargparse then reports) is left as it is."""
+    from pathlib import Path
+
+    from gainrl_pl.data.loading import shipped_file
+
+    out = list(argv)
+    for i, arg in enumerate(out):
+        if arg == "--config" and i + 1 < len(out):
+            at, value, prefix = i + 1, out[i + 1], ""
+        elif arg.startswith("--config="):
+            at, value, prefix = i, arg.split("=", 1)[1], "--config="
+        else:
+            continue
+        if "\n" in value or Path(value).expanduser().exists():
+            continue
+        found = shipped_file(value)
+        if found is not None and found.is_file():
+            out[at] = prefix + str(found)
+    return out
 
 
 def run_lightning_cli(argv: list[str], run: bool = True):

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from gainrl_pl.data.examples import DATASET_PRESETS
-from gainrl_pl.data.loading import REPO_ROOT, load_rows
+from gainrl_pl.data.loading import REPO_ROOT, load_rows, resolve_data_path
 from gainrl_pl.data.prompts import PROMPT_PRESETS
 
 PROBLEMS_PATH = REPO_ROOT / "data" / "code" / "problems.jsonl"
@@ -162,7 +162,7 @@ def load_code_problems(path: str | Path | None = None, preset: CodePreset | str 
         if preset not in CODE_PRESETS:
             raise ValueError(f"code preset {preset!r} is unknown; allowed: {', '.join(CODE_PRESETS)}")
         preset = CODE_PRESETS[preset]
-    rows = load_rows(str(path if path is not None else PROBLEMS_PATH))
+    rows = load_rows(str(path) if path is not None else resolve_data_path("data/code/problems.jsonl"))
     return [normalize_code_row(row, preset) for row in rows]
 
 

@@ -18,8 +18,22 @@ import re
 from pathlib import Path
 from typing import Any
 
-# Where `data/...` in shipped configs is meant to be relative to.
+# Where `data/...` and `configs/...` in the README and the shipped configs are meant to be relative to.
 REPO_ROOT = Path(__file__).resolve().parents[2]
+# A wheel install (not editable) has no repository around it: `data/` and `configs/` ship inside the package as
+# gainrl_pl/shipped/data and gainrl_pl/shipped/configs (pyproject's package-dir), found there the same way.
+SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "shipped"
+
+
+def shipped_file(path: str | os.PathLike) -> Path | None:
+    """An existing file or directory for `path`: itself (absolute, or relative to the CWD), else the same relative
+    path under the repository root, else under the copy a wheel install ships. None when none exists."""
+    candidate = Path(path).expanduser()
+    for place in [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, REPO_ROOT / candidate,
+                                                              SHIPPED_ROOT / candidate]:
+        if place.exists():
+            return place.resolve()
+    return None
 
 # Values for `load_rows(fmt=...)`: `hf` = a `save_to_disk` directory, `hub` = a Hugging Face hub id.
 FORMATS = ("json", "jsonl", "parquet", "csv", "tsv", "hf", "hub")
@@ -85,19 +99,21 @@ def parse_hub_source(source: str) -> tuple[str, str | None, str | None]:
 
 
 def resolve_data_path(path: str | os.PathLike) -> str:
-    """Find a data file or directory: relative paths are tried against the CWD, then the repository root.
+    """Find a data file or directory: relative paths are tried against the CWD, then the repository root, then
+    the copy of `data/` a wheel install ships (`shipped_file`).
 
     So `data/eval/gsm8k_test.jsonl` in the shipped configs works from any directory. A string that does not
     exist but looks like a hub dataset (`openai/gsm8k:main:train`) is returned unchanged for `load_rows` to
     fetch. Raises FileNotFoundError naming every place tried.
     """
     text = os.fspath(path)
+    found = shipped_file(text)
+    if found is not None:
+        return str(found)
     candidate = Path(text).expanduser()
-    tried = [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, REPO_ROOT / candidate]
+    tried = [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, REPO_ROOT / candidate,
+                                                         SHIPPED_ROOT / candidate]
     tried = list(dict.fromkeys(p.resolve() for p in tried))  # same place twice when run from the repo root
-    for place in tried:
-        if place.exists():
-            return str(place)
     if looks_like_hub_id(text):
         return text
     raise FileNotFoundError(f"data file {text!r} not found; tried: {', '.join(str(p) for p in tried)}")
