@@ -68,6 +68,8 @@ class GainRLCheckpoint(ModelCheckpoint):
         self._save_after_validation = False
         self._saved_at_batch_end: int | None = None  # the global step whose batch end wrote last.ckpt
         self._rewrite_after_validation = False
+        self._marked_written = False  # last.ckpt was rewritten, marked, as this validation started
+        self._resumed_mid_validation = False  # restored from a checkpoint marked to validate again
 
     def _save_last(self, trainer: pl.Trainer) -> None:
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -145,10 +147,10 @@ class GainRLCheckpoint(ModelCheckpoint):
             for counts in (progress["total"], progress["current"]):
                 counts["started"] = counts["ready"]
         self._pre_validation = checkpoint
-        if self.save_before_validation and self._saved_at_batch_end == trainer.global_step:
+        if self.save_before_validation and self.save_last and self._saved_at_batch_end == trainer.global_step:
             # the batch end's last.ckpt would resume past this validation: replace it with the marked state
             self._write_pre_validation(trainer)
-            self._rewrite_after_validation = True
+            self._rewrite_after_validation = self._marked_written = True
 
     def _write_pre_validation(self, trainer: pl.Trainer) -> str:
         path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
@@ -168,22 +170,52 @@ class GainRLCheckpoint(ModelCheckpoint):
                 self._pre_validation = None
                 self._save_after_validation = True
                 return
-            path = self._write_pre_validation(trainer)
-            self._save_hf(trainer, path)
+            if self._marked_written:  # written as this validation started; the weights are unchanged
+                path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            else:
+                path = self._write_pre_validation(trainer)
+                self._save_hf(trainer, path)
             self._pre_validation = None
             self._rewrite_after_validation = False  # the marked checkpoint is the one to resume from
             if trainer.is_global_zero:
                 print(f"[gainrl] SIGTERM during validation: saved step {trainer.global_step} as it was before this "
                       f"validation to {path}; resuming validates it again", flush=True)
 
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        # a fit that raised mid-validation on this trainer leaves nothing pending (runs before a checkpoint loads)
+        self._pre_validation, self._save_after_validation, self._saved_at_batch_end = None, False, None
+        self._rewrite_after_validation = self._marked_written = self._resumed_mid_validation = False
+
+    def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
+        # Resumed from a checkpoint marked to validate again: once that validation has run, last.ckpt is
+        # rewritten as after it, or a second crash before the next save would repeat it (and log it twice)
+        progress = checkpoint.get("loops", {}).get("fit_loop", {}).get("epoch_loop.val_loop.batch_progress")
+        if progress:
+            total = progress["total"]
+            self._resumed_mid_validation = (total["started"] == total["ready"]
+                                            and total["processed"] == total["started"] - 1)
+            self._rewrite_after_validation = (self._resumed_mid_validation and bool(self.save_last)
+                                              and self.dirpath is not None)
+
     def on_validation_end(self, trainer, pl_module) -> None:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if fitting and self._resumed_mid_validation:
+            # The marked checkpoint's one "started" batch outlives the validation it made Lightning run again
+            # (its totals keep it: started = processed + 1), so any checkpoint taken from here on would also read
+            # as mid-validation and be validated yet again: drop it now that the validation has finished
+            total = trainer.fit_loop.epoch_loop.val_loop.batch_progress.total
+            total.ready = total.started = total.processed
+            self._resumed_mid_validation = False
         super().on_validation_end(trainer, pl_module)
         self._pre_validation = None
+        if not fitting:
+            return
         if self._rewrite_after_validation and not self._save_after_validation:
             # finished: a resume from here must not validate this step again (weights unchanged: no new HF copy)
             path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
             super()._save_checkpoint(trainer, path)
-        self._rewrite_after_validation = False
+        self._rewrite_after_validation = self._marked_written = False
         if self._save_after_validation:
             self._save_after_validation = False
             self._save_last(trainer)

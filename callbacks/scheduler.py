@@ -151,13 +151,19 @@ class GainRLScheduler(pl.Callback):
         if self.scores is not None:
             entry["drawn_score_mean"] = float(sum(self.scores[int(i)] for i in indices) / len(indices))
         self.history.append(entry)
-        for key, value in entry.items():
-            if isinstance(value, float) and key not in ("round", "step"):
-                # Logged with this batch's step, not at the epoch end: a run stopped during the validation that
-                # follows (SIGTERM, SIGKILL) never reaches that epoch end, and its resume does not redo this batch,
-                # so the round's row would be logged by no process. batch_size=1: one value per round.
-                pl_module.log(f"gainrl/{key}", value, on_step=True, on_epoch=False, prog_bar=key == "mu",
-                              batch_size=1)
+        # Straight to the loggers, one row per round at this batch's logging step: a `self.log(on_step=True)`
+        # value is dropped at batches `log_every_n_steps` skips, and an epoch-level one waits for an epoch end
+        # that a run stopped in the validation after this batch never reaches (its resume does not redo the
+        # batch). `round_` marks the round means apart from the per-batch values of the same signals.
+        names = {"accuracy": "round_accuracy", "angle_signal": "round_angle_signal"}
+        row = {f"gainrl/{names.get(key, key)}": value for key, value in entry.items()
+               if isinstance(value, float) and key not in ("round", "step")}
+        row["epoch"] = float(trainer.current_epoch)
+        for logger in trainer.loggers:
+            logger.log_metrics(row, step=trainer.fit_loop.epoch_loop._batches_that_stepped)
+        if "mu" in entry:
+            pl_module.log("gainrl/mu", entry["mu"], on_step=True, on_epoch=False, prog_bar=True, logger=False,
+                          batch_size=1)
         k = self.rescore_every_n_rounds
         if k and len(self.history) % k == 0 and dm.schedule.name == "angle":
             self._rank(trainer, pl_module)

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def resolve_config_paths(argv: list[str]) -> list[str]:
-    """`--config configs/demo.yaml` from any directory: a `--config` path that does not exist from the CWD is
+    """`--config configs/demo.yaml` from any directory: a `--config` (`-c`) path that does not exist from the CWD is
     looked up in the repository, then among the configs a wheel install ships (`shipped_file`); anything else
     (an existing file, inline YAML, a path found nowhere, which jsonargparse then reports) is left as it is."""
     from pathlib import Path
@@ -61,7 +61,7 @@ def resolve_config_paths(argv: list[str]) -> list[str]:
 
     out = list(argv)
     for i, arg in enumerate(out):
-        if arg == "--config" and i + 1 < len(out):
+        if arg in ("--config", "-c") and i + 1 < len(out):
             at, value, prefix = i + 1, out[i + 1], ""
         elif arg.startswith("--config="):
             at, value, prefix = i, arg.split("=", 1)[1], "--config="

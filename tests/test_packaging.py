@@ -90,6 +90,7 @@ def test_config_paths_resolve_from_any_directory(tmp_path, monkeypatch):
     assert resolve_config_paths(["fit", "--config", "configs/demo.yaml", "--trainer.max_steps", "1"]) == \
         ["fit", "--config", str(REPO / "configs/demo.yaml"), "--trainer.max_steps", "1"]
     assert resolve_config_paths(["fit", "--config=configs/demo.yaml"]) == ["fit", f"--config={REPO}/configs/demo.yaml"]
+    assert resolve_config_paths(["fit", "-c", "configs/demo.yaml"]) == ["fit", "-c", str(REPO / "configs/demo.yaml")]
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs/demo.yaml").write_text("trainer: {max_steps: 1}\n")
     for argv in (["fit", "--config", "configs/demo.yaml"], ["fit", "--config", "configs/missing.yaml"],

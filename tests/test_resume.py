@@ -251,17 +251,25 @@ def test_sigkill_around_a_validation_after_a_save_resumes_with_it_validated_once
 
     run_dir = tmp_path / "run"
     run_dir.mkdir()
-    os.environ.update(GAINRL_SIGTERM_VAL_STEP="4", GAINRL_SIGTERM_VAL_BATCH=where, GAINRL_SIGTERM_VAL_SIGNAL="KILL")
-    try:
-        proc = start_fit(run_dir, tiny_model_dir, "--trainer.max_steps", "5",
-                         "--trainer.callbacks+=cli_probe.SigtermDuringValidation")
-        proc.communicate(timeout=300)
-    finally:
-        for name in ("GAINRL_SIGTERM_VAL_STEP", "GAINRL_SIGTERM_VAL_BATCH", "GAINRL_SIGTERM_VAL_SIGNAL"):
-            del os.environ[name]
-    assert proc.returncode == -signal.SIGKILL
     csv_dir = run_dir / "runs/demo/csv/version_0"
-    assert torch.load(csv_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+
+    def killed(where: str, *args: str) -> None:
+        os.environ.update(GAINRL_SIGTERM_VAL_STEP="4", GAINRL_SIGTERM_VAL_BATCH=where, GAINRL_SIGTERM_VAL_SIGNAL="KILL")
+        try:
+            proc = start_fit(run_dir, tiny_model_dir, "--trainer.max_steps", "5",
+                             "--trainer.callbacks+=cli_probe.SigtermDuringValidation", *args, record="killed.jsonl")
+            proc.communicate(timeout=300)
+        finally:
+            for name in ("GAINRL_SIGTERM_VAL_STEP", "GAINRL_SIGTERM_VAL_BATCH", "GAINRL_SIGTERM_VAL_SIGNAL"):
+                del os.environ[name]
+        assert proc.returncode == -signal.SIGKILL
+        assert torch.load(csv_dir / "checkpoints/last.ckpt", map_location="cpu", weights_only=False)["global_step"] == 4
+
+    killed(where)
+    if where == "0":
+        # killed again, right after the resumed run validated step 4 again: that run rewrote last.ckpt as after
+        # the validation, so the next resume does not repeat it
+        killed("next", "--ckpt_path", "last")
 
     resumed = gainrl_pl(run_dir, tiny_model_dir, "--trainer.max_steps", "5", "--ckpt_path", "last",
                         record="resumed.jsonl")

@@ -119,3 +119,32 @@ def test_accuracy_curriculum_needs_exactly_one_column():
         ScheduleSettings(name="accuracy_curriculum")
     with pytest.raises(ValueError, match="either"):
         ScheduleSettings(name="accuracy_curriculum", difficulty_field="level", pass_rate_field="p")
+
+
+def test_every_round_is_logged_whatever_log_every_n_steps(tiny_model_dir, tmp_path):
+    """One metrics row per round with mu and its terms, also at rounds that end at a step `log_every_n_steps`
+    skips (3 rounds of 2 steps, logging every 4th step: a `self.log(on_step=True)` row would exist for none)."""
+    import csv
+
+    from lightning.pytorch.loggers import CSVLogger
+
+    train = write_rows(tmp_path / "train.jsonl", [{"question": f"What is {i} plus 1?", "answer": str(i + 1)}
+                                                  for i in range(8)])
+    module = GRPOModule(model_name_or_path=str(tiny_model_dir), num_generations=2, max_completion_length=4,
+                        rewards=[digit_reward])
+    dm = GainRLDataModule(train_data=str(train), preset="generic", prompt="none", tokenizer=str(tiny_model_dir),
+                          prompts_per_step=2, schedule=ScheduleSettings(name="angle", subset_size=4, **SCHEDULE))
+    scheduler = GainRLScheduler(use_cache=False, plot=False)
+    pl.seed_everything(0)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=6, max_epochs=-1, log_every_n_steps=4,
+                         logger=CSVLogger(tmp_path, name="csv"), enable_checkpointing=False,
+                         enable_progress_bar=False, enable_model_summary=False, use_distributed_sampler=False,
+                         default_root_dir=tmp_path, callbacks=[scheduler])
+    trainer.fit(module, datamodule=dm)
+    with open(tmp_path / "csv/version_0/metrics.csv", newline="") as fh:
+        rows = [r for r in csv.DictReader(fh) if r.get("gainrl/mu")]
+    assert [int(r["step"]) for r in rows] == [1, 3, 5]  # the last batch of each round (0-based logging steps)
+    assert [float(r["gainrl/mu"]) for r in rows] == pytest.approx([h["mu"] for h in scheduler.history])
+    assert [float(r["gainrl/round_angle_signal"]) for r in rows] == pytest.approx(
+        [h["angle_signal"] for h in scheduler.history])
+    assert all(r["gainrl/angle_term"] and r["gainrl/round_accuracy"] for r in rows)

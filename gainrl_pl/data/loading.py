@@ -25,11 +25,16 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "shipped"
 
 
+def _checkout(candidate: Path) -> list[Path]:
+    # after a wheel install REPO_ROOT is site-packages, where another distribution's data/ must not shadow ours
+    return [REPO_ROOT / candidate] if (REPO_ROOT / "pyproject.toml").is_file() else []
+
+
 def shipped_file(path: str | os.PathLike) -> Path | None:
     """An existing file or directory for `path`: itself (absolute, or relative to the CWD), else the same relative
     path under the repository root, else under the copy a wheel install ships. None when none exists."""
     candidate = Path(path).expanduser()
-    for place in [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, REPO_ROOT / candidate,
+    for place in [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, *_checkout(candidate),
                                                               SHIPPED_ROOT / candidate]:
         if place.exists():
             return place.resolve()
@@ -111,7 +116,7 @@ def resolve_data_path(path: str | os.PathLike) -> str:
     if found is not None:
         return str(found)
     candidate = Path(text).expanduser()
-    tried = [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, REPO_ROOT / candidate,
+    tried = [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, *_checkout(candidate),
                                                          SHIPPED_ROOT / candidate]
     tried = list(dict.fromkeys(p.resolve() for p in tried))  # same place twice when run from the repo root
     if looks_like_hub_id(text):
