@@ -71,10 +71,15 @@ class GainRLCheckpoint(ModelCheckpoint):
         self._marked_written = False  # last.ckpt was rewritten, marked, as this validation started
         self._resumed_mid_validation = False  # restored from a checkpoint marked to validate again
 
-    def _save_last(self, trainer: pl.Trainer) -> None:
-        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        self.last_model_path = path  # recorded in the checkpoint: a resumed run then replaces this file
-        self._save_checkpoint(trainer, path)
+    @property
+    def _last_path(self) -> str:
+        return os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+
+    def _save_last(self, trainer: pl.Trainer, *, hf: bool = True) -> None:
+        path = self.last_model_path = self._last_path  # recorded in the checkpoint: a resumed run replaces it
+        super()._save_checkpoint(trainer, path)
+        if hf:
+            self._save_hf(trainer, path)
 
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
         super()._save_checkpoint(trainer, filepath)
@@ -153,8 +158,7 @@ class GainRLCheckpoint(ModelCheckpoint):
             self._rewrite_after_validation = self._marked_written = True
 
     def _write_pre_validation(self, trainer: pl.Trainer) -> str:
-        path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-        self.last_model_path = path
+        path = self.last_model_path = self._last_path
         trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
         trainer.strategy.save_checkpoint(self._pre_validation, path)
         trainer.strategy.barrier("GainRLCheckpoint.pre_validation")
@@ -171,7 +175,7 @@ class GainRLCheckpoint(ModelCheckpoint):
                 self._save_after_validation = True
                 return
             if self._marked_written:  # written as this validation started; the weights are unchanged
-                path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+                path = self._last_path
             else:
                 path = self._write_pre_validation(trainer)
                 self._save_hf(trainer, path)
@@ -213,8 +217,7 @@ class GainRLCheckpoint(ModelCheckpoint):
             return
         if self._rewrite_after_validation and not self._save_after_validation:
             # finished: a resume from here must not validate this step again (weights unchanged: no new HF copy)
-            path = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
-            super()._save_checkpoint(trainer, path)
+            self._save_last(trainer, hf=False)
         self._rewrite_after_validation = self._marked_written = False
         if self._save_after_validation:
             self._save_after_validation = False
@@ -264,7 +267,7 @@ class GainRLCheckpoint(ModelCheckpoint):
         if self.dirpath is not None and self._last_global_step_saved != trainer.global_step:
             self._save_last(trainer)
         if trainer.is_global_zero and self.dirpath is not None:
-            last = os.path.join(self.dirpath, f"{self.CHECKPOINT_NAME_LAST}{self.FILE_EXTENSION}")
+            last = self._last_path
             print(f"[gainrl] checkpoint: {last}")
             if self.save_hf:
                 print(f"[gainrl] Hugging Face model/adapter: {hf_dir_for(last)}")
