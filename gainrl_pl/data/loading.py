@@ -25,17 +25,20 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 SHIPPED_ROOT = Path(__file__).resolve().parents[1] / "shipped"
 
 
-def _checkout(candidate: Path) -> list[Path]:
+def _places(candidate: Path) -> list[Path]:
+    """Where a path is looked for, in order: itself if absolute; else the CWD, the checkout, the wheel's copy."""
+    if candidate.is_absolute():
+        return [candidate]
     # after a wheel install REPO_ROOT is site-packages, where another distribution's data/ must not shadow ours
-    return [REPO_ROOT / candidate] if (REPO_ROOT / "pyproject.toml").is_file() else []
+    checkout = [REPO_ROOT / candidate] if (REPO_ROOT / "pyproject.toml").is_file() else []
+    return [Path.cwd() / candidate, *checkout, SHIPPED_ROOT / candidate]
 
 
 def shipped_file(path: str | os.PathLike) -> Path | None:
     """An existing file or directory for `path`: itself (absolute, or relative to the CWD), else the same relative
     path under the repository root, else under the copy a wheel install ships. None when none exists."""
     candidate = Path(path).expanduser()
-    for place in [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, *_checkout(candidate),
-                                                              SHIPPED_ROOT / candidate]:
+    for place in _places(candidate):
         if place.exists():
             return place.resolve()
     return None
@@ -116,9 +119,7 @@ def resolve_data_path(path: str | os.PathLike) -> str:
     if found is not None:
         return str(found)
     candidate = Path(text).expanduser()
-    tried = [candidate] if candidate.is_absolute() else [Path.cwd() / candidate, *_checkout(candidate),
-                                                         SHIPPED_ROOT / candidate]
-    tried = list(dict.fromkeys(p.resolve() for p in tried))  # same place twice when run from the repo root
+    tried = list(dict.fromkeys(p.resolve() for p in _places(candidate)))  # same place twice when run from the repo root
     if looks_like_hub_id(text):
         return text
     raise FileNotFoundError(f"data file {text!r} not found; tried: {', '.join(str(p) for p in tried)}")
