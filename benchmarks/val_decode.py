@@ -27,9 +27,9 @@ sys.path[:0] = [str(REPO), str(REPO / "experiments"), str(REPO / "benchmarks")]
 
 
 def build(run_dir: Path, vllm_dtype: str):
+    import run_ab
     import yaml
 
-    import run_ab
     from gainrl_pl.cli import run_lightning_cli
     from gainrl_pl.console import quiet_library_noise
 
@@ -81,7 +81,6 @@ def time_training_rollouts(module, batch, repeats: int) -> float:
 
 def main() -> None:
     import torch
-
     from common import git_describe
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -119,8 +118,8 @@ def main() -> None:
     print("| engine | s / prompt | speed vs hf_fp32 | accuracy | same completion as hf_fp32 | same verdict |")
     print("| --- | --- | --- | --- | --- | --- |")
     for engine, (texts, correct, seconds, _) in results.items():
-        same = sum(a == b for a, b in zip(texts, base_texts)) / n
-        verdict = sum(a == b for a, b in zip(correct, base_correct)) / n
+        same = sum(a == b for a, b in zip(texts, base_texts, strict=True)) / n
+        verdict = sum(a == b for a, b in zip(correct, base_correct, strict=True)) / n
         print(f"| {engine} | {seconds / n:.3f} | {base_s / seconds:.2f}x | {sum(correct) / n:.3f} | {same:.3f} | "
               f"{verdict:.3f} |")
     if args.rollouts:

@@ -56,6 +56,8 @@ from gainrl_pl.precision import vanishing_update_warning
 from gainrl_pl.rewards import COMPLETION_FORMATS, ChatInputs, RewardComputer, check_answer_extraction
 from gainrl_pl.rng_state import (
     CHECKPOINT_KEY as RNG_CHECKPOINT_KEY,
+)
+from gainrl_pl.rng_state import (
     collect_rng_states_of_all_ranks,
     restore_rng_states,
     rng_state_of_rank,

@@ -71,7 +71,7 @@ def test_no_torch_deprecation_from_vllms_engine_start():
             if filtered:
                 quiet_library_noise()
             hasattr(dist.reduce_op, "__dict__")  # what vLLM's scan does
-            warnings.warn("another FutureWarning", FutureWarning)
+            warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
         return [str(w.message) for w in seen]
 
     filtered = False

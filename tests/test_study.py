@@ -126,7 +126,7 @@ def test_wall_time_estimate_from_unit_costs():
 
 def _saved_run(out: Path, arm: str, seed: int, steps: list[int], per_prompt: list[list[int]]) -> None:
     run = {"kind": "run", "arm": arm, "seed": seed, "val_digest": "d",
-           "val": [{"step": s, "per_prompt": p} for s, p in zip(steps, per_prompt)]}
+           "val": [{"step": s, "per_prompt": p} for s, p in zip(steps, per_prompt, strict=True)]}
     (out / f"{arm}_seed{seed}.json").write_text(json.dumps(run))
 
 
