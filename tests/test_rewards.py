@@ -3,8 +3,13 @@
 from __future__ import annotations
 
 import math
+import os
+import subprocess
+import sys
+import textwrap
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -161,6 +166,25 @@ def test_off_main_thread_uses_a_bounded_worker():
     assert results[0] is True
     assert results[1][0] is False and results[1][1] < 2.5
     assert results[2] is True
+
+
+def test_the_answer_worker_is_reaped_at_exit():
+    """A process that checked answers off the main thread exits without leaving or warning about its worker."""
+    program = textwrap.dedent("""
+        import threading
+        from gainrl_pl.rewards.answers import _WORKER, answers_match
+        thread = threading.Thread(target=answers_match, args=("x+1", "1+x"))
+        thread.start()
+        thread.join()
+        print(_WORKER.proc.pid, flush=True)
+    """)
+    done = subprocess.run([sys.executable, "-X", "dev", "-c", program], capture_output=True, text=True,
+                          timeout=180, cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "still running" not in done.stderr, done.stderr
+    worker = int(done.stdout.split()[-1])
+    with pytest.raises(ProcessLookupError):
+        os.kill(worker, 0)  # gone, and reaped (a zombie would still answer signal 0)
 
 
 # ----------------------------------------------------------------------------------------------- rewards
