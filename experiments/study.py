@@ -233,6 +233,40 @@ def family_table(runs: dict[str, dict[int, dict]], baseline: dict) -> dict[str, 
     return out
 
 
+def family_differences(runs: dict[str, dict[int, dict]], baseline: dict, *,
+                       replicates: int = 2000) -> dict[str, dict[str, dict]]:
+    """Per arm and validation family: final accuracy minus uniform's on the same seeds (paired bootstrap 95 %
+    over seeds and that family's prompts), beside the share of that family among the prompts the arm and
+    uniform drew over the whole run. Why an arm wins or loses: where its accuracy moved against what it
+    trained on."""
+    families = [p["family"] for p in baseline["val_prompts"]]
+    level = {p["family"]: p["level"] for p in baseline["val_prompts"]}
+    names = sorted(set(families), key=lambda f: (level[f], f))
+
+    def drawn_share(rs: dict[int, dict], seeds: list[int]) -> dict[str, float]:
+        shares = []
+        for s in seeds:
+            family = {p["position"]: p["family"] for p in rs[s]["prompts"]}
+            drawn = [family[i] for t in rs[s]["train"] for i in t["indices"]]
+            shares.append({f: drawn.count(f) / max(len(drawn), 1) for f in names})
+        return {f: float(np.mean([sh[f] for sh in shares])) for f in names}
+
+    out = {}
+    for arm in runs:
+        pair = paired_arrays(runs, baseline, arm) if arm != BASE_ARM else None
+        if pair is None:
+            continue
+        steps, seeds, a, b = pair
+        arm_share, base_share = drawn_share(runs[arm], seeds), drawn_share(runs[BASE_ARM], seeds)
+        out[arm] = {}
+        for f in names:
+            idx = [i for i, g in enumerate(families) if g == f]
+            c = paired_bootstrap(steps, a[:, :, idx], b[:, :, idx], "final_accuracy", replicates=replicates)
+            out[arm][f] = {"difference": c.difference, "low": c.low, "high": c.high, "resolved": c.excludes_zero,
+                           "drawn_share": arm_share[f], "uniform_drawn_share": base_share[f]}
+    return out
+
+
 def drawn_family_table(runs: dict[str, dict[int, dict]], phases: int = 3) -> dict[str, list[dict]]:
     """Per arm: the share of each task family among the prompts drawn in each third of training (mean over
     seeds), with the steps each third spans. Why an arm ends where it does: what it trained on late."""
@@ -288,7 +322,7 @@ def _ci(d: dict | None, fmt: str = "+.3f") -> str:
 
 
 def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dict,
-                   drawn: dict | None = None) -> str:
+                   drawn: dict | None = None, fam_diff: dict | None = None) -> str:
     lines = [f"Validation: {baseline['num_val_prompts']} prompts, {baseline['val_decoding']}; step-0 accuracy "
              f"{baseline['accuracy']:.3f} (shared by every run). Differences are arm - uniform on the same seeds, "
              "mean over seeds, with 95 % paired bootstrap intervals over seeds and validation prompts; * = the "
@@ -319,6 +353,13 @@ def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dic
                 first, last = phase["steps"]
                 lines.append(f"| {arm}, steps {first}-{last} | "
                              + " | ".join(f"{phase['shares'].get(n, 0.0):.2f}" for n in names) + " |")
+    if fam_diff:
+        lines += ["", "| final val accuracy by family, arm - uniform (paired 95 %) / share drawn (uniform's) | "
+                  + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
+        for arm, per in fam_diff.items():
+            lines.append(f"| {arm} - uniform | " + " | ".join(_ci(per[n], "+.2f") for n in names) + " |")
+            lines.append(f"| {arm}, share drawn | " + " | ".join(
+                f"{per[n]['drawn_share']:.2f} ({per[n]['uniform_drawn_share']:.2f})" for n in names) + " |")
     lines += ["", "| Spearman(first-solved step, ...) over drawn prompts | angle rank | question tokens | level |",
               "| --- | --- | --- | --- |"]
     for arm, rho in solved.items():
@@ -382,9 +423,11 @@ def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
     families = family_table(runs, baseline)
     solved = first_solved_spearman(runs)
     drawn = drawn_family_table(runs)
+    fam_diff = family_differences(runs, baseline, replicates=max(replicates // 2, 200))
     summary = {"baseline_accuracy": baseline["accuracy"], "num_val_prompts": baseline["num_val_prompts"],
                "val_decoding": baseline["val_decoding"], "arms": rows, "families": families,
                "first_solved_spearman": solved, "drawn_families": drawn,
+               "family_differences": fam_diff,
                "wall_time": {c: wall_time_model(runs, baseline, clock=c) for c in ("wall", "cpu")}}
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=float))
     flat = []
@@ -401,7 +444,7 @@ def report_power(out_dir: Path, *, replicates: int = 4000) -> dict | None:
         writer.writeheader()
         writer.writerows(flat)
     plot_power(runs, baseline, rows, out_dir)
-    text = power_markdown(rows, baseline, families, solved, drawn)
+    text = power_markdown(rows, baseline, families, solved, drawn, fam_diff)
     (out_dir / "summary.md").write_text(text + "\n")
     print(f"## {out_dir.relative_to(ROOT) if out_dir.is_relative_to(ROOT) else out_dir}\n\n{text}\n")
     return summary

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -51,6 +52,8 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     assert [a["arm"] for a in summary["arms"]] == ["uniform", "greso", "mopps"]
     assert {"difference", "low", "high"} <= set(summary["arms"][2]["final_accuracy"])
+    assert set(summary["family_differences"]) == {"greso", "mopps"}  # every compared arm, never uniform itself
+    assert "arm - uniform (paired 95 %)" in (out / "summary.md").read_text()
     assert (out / "val_accuracy.png").stat().st_size > 0 and (out / "differences.png").stat().st_size > 0
     assert "Power of the planned design" in proc.stdout and "only 1 seed per arm" in proc.stdout
     assert "Estimated study" in proc.stdout
@@ -58,6 +61,34 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
     # a rerun launches nothing for finished runs (in-process: no subprocess would start)
     study.run(study.planned_specs(["uniform", "greso", "mopps"], [0]), "power", out, overrides, logs)
     assert capsys.readouterr().out.count("done already, skipped") == 3
+
+
+def _fake_run(arm: str, seed: int, per_prompt: list[int], drawn: list[int], digest: str = "d") -> dict:
+    """A saved run as run_ab.py writes it, reduced to what the report reads."""
+    return {"kind": "run", "arm": arm, "seed": seed, "val_digest": digest, "val_decoding": "fp32",
+            "val": [{"step": 2, "accuracy": float(np.mean(per_prompt)), "per_prompt": per_prompt}],
+            "train": [{"step": 1, "indices": drawn[:2]}, {"step": 2, "indices": drawn[2:]}],
+            "prompts": [{"position": i, "family": "easy" if i < 2 else "hard"} for i in range(4)]}
+
+
+def test_family_differences_pair_seeds_and_count_what_was_drawn():
+    """Per family: the arm's final accuracy minus uniform's on the same seeds, beside the share of that family
+    the arm drew. Here the arm only trains the hard family and gains on it on every seed, loses the easy one."""
+    val_prompts = [{"family": "easy", "level": 1}] * 4 + [{"family": "hard", "level": 3}] * 4
+    baseline = {"val_digest": "d", "val_decoding": "fp32", "per_prompt": [1, 1, 0, 0, 0, 0, 0, 0],
+                "val_prompts": val_prompts}
+    runs = {"uniform": {s: _fake_run("uniform", s, [1, 1, 1, 1, 0, 0, 0, 0], [0, 2, 1, 3]) for s in range(4)},
+            "focus": {s: _fake_run("focus", s, [0, 0, 0, 0, 1, 1, 1, 1], [2, 3, 2, 3]) for s in range(3)}}
+    out = study.family_differences(runs, baseline, replicates=300)
+    assert set(out) == {"focus"}  # uniform is the reference, not an arm compared with itself
+    hard, easy = out["focus"]["hard"], out["focus"]["easy"]
+    assert hard["difference"] == pytest.approx(1.0) and hard["resolved"]
+    assert easy["difference"] == pytest.approx(-1.0) and easy["resolved"]
+    assert hard["drawn_share"] == 1.0 and easy["drawn_share"] == 0.0
+    assert hard["uniform_drawn_share"] == easy["uniform_drawn_share"] == 0.5
+    runs["focus"][0]["val_digest"] = "other"  # validated on other prompts: refused, not compared
+    with pytest.raises(ValueError, match="other prompts than the baseline"):
+        study.family_differences(runs, baseline, replicates=50)
 
 
 def test_fp32_validation_casts_and_restores_exactly(tiny_model_dir):
