@@ -182,6 +182,18 @@ def spearman(x, y) -> float:
     return float(spearmanr(x, y).statistic)
 
 
+def solved_share(rs) -> dict[str, float]:
+    """Share of the generated groups whose G completions were all wrong / all right (mean over runs): with a
+    correctness reward those carry no GRPO gradient, so an arm that draws them trains on fewer prompts (a DAPO
+    filter drops them and generates more)."""
+    accs = [[a for t in r["train"] for a in t.get("per_prompt_accuracy", [])] for r in rs]
+    accs = [a for a in accs if a]
+    if not accs:
+        return {}
+    return {"groups_all_wrong": float(np.mean([np.mean([x == 0.0 for x in a]) for a in accs])),
+            "groups_all_right": float(np.mean([np.mean([x == 1.0 for x in a]) for a in accs]))}
+
+
 def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int = 4000) -> list[dict]:
     """Every arm against uniform on their common seeds: paired bootstrap of each metric."""
     rows = []
@@ -194,7 +206,8 @@ def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int
                "groups_trained": float(np.mean([sum(len(t["indices"]) for t in r["train"]) for r in rs]))
                if arm not in ("uniform_filter", "greso_filter") else float(np.mean(
                    [r["max_steps"] * PLANNED_PROMPTS_PER_STEP for r in rs])),
-               "wall_s": float(np.mean([r["wall_s"] for r in rs]))}
+               "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+               **solved_share(rs)}
         pair = paired_arrays(runs, baseline, arm) if arm != BASE_ARM else None
         if pair is not None:
             steps, seeds, a, b = pair
@@ -329,14 +342,16 @@ def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dic
              "interval excludes 0. Steps to reach: each seed's own uniform final accuracy; never = last step + "
              "one validation interval.", "",
              "| arm | seeds | final val acc | vs uniform | area under curve | vs uniform | steps to uniform's "
-             "final | vs uniform | train reward | groups generated / trained | s/run |",
-             "|" + " --- |" * 11]
+             "final | vs uniform | train reward | groups all wrong / all right | groups generated / trained "
+             "| s/run |",
+             "|" + " --- |" * 12]
     for r in rows:
         fin, auc, reach = r.get("final_accuracy") or {}, r.get("curve_area") or {}, r.get("steps_to_reach") or {}
         lines.append(
             f"| {r['arm']} | {r['seeds']} | {r['final_acc_mean']:.3f} | {_ci(fin)} | "
             f"{auc.get('arm', float('nan')):.3f} | {_ci(auc)} | "
             f"{reach.get('arm', float('nan')):.1f} | {_ci(reach, '+.1f')} | {r['train_reward']:.3f} | "
+            f"{r.get('groups_all_wrong', float('nan')):.2f} / {r.get('groups_all_right', float('nan')):.2f} | "
             f"{r['groups_generated']:.0f} / {r['groups_trained']:.0f} | {r['wall_s']:.0f} |")
     if any(r["arm"] != BASE_ARM and r["seeds"] < 2 for r in rows):
         lines += ["", "**An arm with 1 seed**: its interval resamples the validation prompts only, not the training "

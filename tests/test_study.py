@@ -52,6 +52,9 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
     summary = json.loads((out / "summary.json").read_text())
     assert [a["arm"] for a in summary["arms"]] == ["uniform", "greso", "mopps"]
     assert {"difference", "low", "high"} <= set(summary["arms"][2]["final_accuracy"])
+    for row in summary["arms"]:  # 2 steps x 4 groups, each all wrong, all right or mixed
+        assert 0.0 <= row["groups_all_wrong"] + row["groups_all_right"] <= 1.0
+        assert (row["groups_all_wrong"] * 8).is_integer()
     assert set(summary["family_differences"]) == {"greso", "mopps"}  # every compared arm, never uniform itself
     assert "arm - uniform (paired 95 %)" in (out / "summary.md").read_text()
     assert (out / "val_accuracy.png").stat().st_size > 0 and (out / "differences.png").stat().st_size > 0
