@@ -42,6 +42,7 @@ from gainrl_pl.evaluation.study_stats import (  # noqa: E402
     paired_bootstrap,
     paired_sd_from_arm_sd,
     sd_interval,
+    seed_t_interval,
     seeds_needed,
     steps_to_reach,
     variance_components,
@@ -217,6 +218,7 @@ def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int
                 row[metric] = {"arm": c.arm_mean, "uniform": c.base_mean, "difference": c.difference,
                                "low": c.low, "high": c.high, "per_seed": list(c.per_seed),
                                "resolved": c.excludes_zero}
+                row[metric]["t_low"], row[metric]["t_high"] = seed_t_interval(c.per_seed)
         elif BASE_ARM in runs:  # uniform itself: its own metric values (no comparison)
             seeds = sorted(runs[arm])
             mats = [run_matrix(runs[arm][s], baseline) for s in seeds]
@@ -356,6 +358,13 @@ def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dic
     if any(r["arm"] != BASE_ARM and r["seeds"] < 2 for r in rows):
         lines += ["", "**An arm with 1 seed**: its interval resamples the validation prompts only, not the training "
                   "noise between seeds (which is larger): a * there is not evidence of a difference."]
+    compared = [r for r in rows if "t_low" in (r.get("final_accuracy") or {})]
+    if compared:
+        lines += ["", "| the same differences, t interval over the seeds' paired differences (seeds only, 95 %) | "
+                  + " | ".join(METRIC_LABEL[m] for m in METRICS) + " |", "|" + " --- |" * (len(METRICS) + 1)]
+        for r in compared:
+            lines.append(f"| {r['arm']} | " + " | ".join(
+                f"{r[m]['difference']:+.3f} [{r[m]['t_low']:+.3f}, {r[m]['t_high']:+.3f}]" for m in METRICS) + " |")
     names = list(families["baseline"])
     lines += ["", "| final val accuracy by family | " + " | ".join(names) + " |", "|" + " --- |" * (len(names) + 1)]
     for arm, fam in families.items():

@@ -13,6 +13,7 @@ from gainrl_pl.evaluation.study_stats import (
     paired_bootstrap,
     paired_sd_from_arm_sd,
     sd_interval,
+    seed_t_interval,
     seeds_needed,
     steps_to_reach,
     variance_components,
@@ -180,3 +181,13 @@ def test_label_shares_by_phase_splits_steps_and_counts_each_draw():
         label_shares_by_phase(drawn, phases=6)
     with pytest.raises(ValueError, match="steps 2-2"):
         label_shares_by_phase([["a"], [], ["b"]], phases=3)
+
+
+def test_seed_t_interval_hand_computed():
+    """Differences 1, 2, 3: mean 2, sd 1, se 1/sqrt(3), t(0.975, 2) = 4.303 -> 2 -+ 2.484."""
+    low, high = seed_t_interval([1.0, 2.0, 3.0])
+    assert low == pytest.approx(2 - 4.302653 / np.sqrt(3), abs=1e-5)
+    assert high == pytest.approx(2 + 4.302653 / np.sqrt(3), abs=1e-5)
+    assert all(np.isnan(seed_t_interval([0.5])))
+    with pytest.raises(ValueError, match="confidence"):
+        seed_t_interval([1.0, 2.0], confidence=1.5)
