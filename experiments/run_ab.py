@@ -68,8 +68,11 @@ ARMS: dict[str, list[str]] = {
     "greso": ["--data.schedule.name", "greso"],
     # MoPPS also gets extra.rollouts_per_prompt = model.num_generations (set in `configure_arm`)
     "mopps": ["--data.schedule.name", "mopps"],
-    # DAPO dynamic sampling: drops zero-variance groups and generates more; its cost is counted in groups
-    "uniform_filter": ["--data.schedule.name", "uniform", "--model.dynamic_sampling", "true"],
+    # DAPO dynamic sampling: drops zero-variance groups and generates more (up to 8 extra rounds: with 3, 15 of
+    # 16 groups came back all-equal late in a run and it stopped); a step still short trains on what it kept.
+    # Generation is counted in groups generated, training in groups trained (both in the report).
+    "uniform_filter": ["--data.schedule.name", "uniform", "--model.dynamic_sampling", "true",
+                       "--model.max_extra_generation_rounds", "8", "--model.dynamic_sampling_allow_partial", "true"],
     # the paper's GRESO: pre-rollout skipping plus the post-rollout filter
     "greso_filter": ["--data.schedule.name", "greso", "--model.dynamic_sampling", "true"],
 }
@@ -284,9 +287,12 @@ def make_callbacks(fp32_validation: bool):
                 self.times_drawn[i] = self.times_drawn.get(i, 0) + 1
                 if a > 0 and i not in self.first_solved:
                     self.first_solved[i] = step
-            # the report covers every generated group (DAPO's dropped ones too): that is the generation cost
+            # the report covers every generated group (DAPO's dropped ones too): that is the generation cost;
+            # the groups trained on are fewer under dynamic sampling (the module logs how many)
+            trained = trainer.callback_metrics.get("dynamic_sampling/trained_groups")
             self.train.append({"step": step, "reward": sum(acc) / max(len(acc), 1), "indices": idx,
                                "per_prompt_accuracy": acc, "generated_groups": len(idx),
+                               "trained_groups": len(idx) if trained is None else int(trained),
                                "seconds": time.time() - self._step_t0, "cpu_s": time.process_time() - self._step_cpu0,
                                "elapsed_s": time.time() - self.t0})
 

@@ -174,6 +174,14 @@ def generated_groups(r: dict) -> int:
     return int(sum(t.get("generated_groups", len(t["indices"])) for t in r["train"]))
 
 
+def trained_groups(r: dict) -> int:
+    """Prompt groups trained on over the run (under DAPO's filter fewer than generated; runs saved before the
+    recorder counted them: a filtered arm's were a full batch a step)."""
+    filtered = r.get("arm") in ("uniform_filter", "greso_filter")
+    return int(sum(t.get("trained_groups", PLANNED_PROMPTS_PER_STEP if filtered else len(t["indices"]))
+                   for t in r["train"]))
+
+
 def spearman(x, y) -> float:
     """Spearman's rho with average ranks for ties (NaN for fewer than 3 points or a constant input)."""
     from scipy.stats import spearmanr
@@ -204,9 +212,7 @@ def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int
                "final_acc_mean": float(np.mean([r["val"][-1]["accuracy"] for r in rs])),
                "train_reward": float(np.mean([np.mean([t["reward"] for t in r["train"]]) for r in rs])),
                "groups_generated": float(np.mean([generated_groups(r) for r in rs])),
-               "groups_trained": float(np.mean([sum(len(t["indices"]) for t in r["train"]) for r in rs]))
-               if arm not in ("uniform_filter", "greso_filter") else float(np.mean(
-                   [r["max_steps"] * PLANNED_PROMPTS_PER_STEP for r in rs])),
+               "groups_trained": float(np.mean([trained_groups(r) for r in rs])),
                "wall_s": float(np.mean([r["wall_s"] for r in rs])),
                **solved_share(rs)}
         pair = paired_arrays(runs, baseline, arm) if arm != BASE_ARM else None
@@ -262,9 +268,8 @@ def family_differences(runs: dict[str, dict[int, dict]], baseline: dict, *,
         shares = []
         for s in seeds:
             family = {p["position"]: p["family"] for p in rs[s]["prompts"]}
-            drawn = [family[i] for t in rs[s]["train"] for i in t["indices"]]
-            shares.append({f: drawn.count(f) / max(len(drawn), 1) for f in names})
-        return {f: float(np.mean([sh[f] for sh in shares])) for f in names}
+            shares.append(label_shares_by_phase([[family[i] for i in t["indices"]] for t in rs[s]["train"]], 1)[0])
+        return {f: float(np.mean([sh.get(f, 0.0) for sh in shares])) for f in names}
 
     out = {}
     for arm in runs:

@@ -42,6 +42,7 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
         assert r["global_step"] == 2 and [v["step"] for v in r["val"]] == [2]
         assert len(r["val"][0]["per_prompt"]) == 6 and r["val_digest"] == baseline["val_digest"]
         assert [t["generated_groups"] for t in r["train"]] == [4, 4]
+        assert [t["trained_groups"] for t in r["train"]] == [4, 4]  # no filter: every drawn group is trained
         assert any("--data.schedule.name" in a for a in r["cli_args"]) and arm in r["cli_args"]
         assert r["rollout_engine"] == "transformers"
     assert {"p_easy", "p_hard", "skipped_easy"} <= set(runs["greso"]["schedule_history"][0])
@@ -92,6 +93,22 @@ def test_family_differences_pair_seeds_and_count_what_was_drawn():
     runs["focus"][0]["val_digest"] = "other"  # validated on other prompts: refused, not compared
     with pytest.raises(ValueError, match="other prompts than the baseline"):
         study.family_differences(runs, baseline, replicates=50)
+
+
+def test_groups_trained_count_what_dynamic_sampling_kept():
+    """A DAPO-filtered arm trains on the groups its filter kept (recorded per step), not on every generated
+    group; an unfiltered run trains on all it drew; a filtered run saved before the count existed is taken
+    as a full batch a step. The arm refills for 8 rounds and trains on a short batch rather than stopping."""
+    plain = _fake_run("uniform", 0, [1, 0, 0, 0], [0, 1, 2, 3])
+    kept = _fake_run("uniform_filter", 0, [1, 0, 0, 0], [0, 1, 2, 3])
+    for t, n in zip(kept["train"], (1, 2), strict=True):
+        t.update(generated_groups=len(t["indices"]), trained_groups=n)
+    old = _fake_run("uniform_filter", 1, [1, 0, 0, 0], [0, 1, 2, 3])
+    assert [study.trained_groups(r) for r in (plain, kept, old)] == [4, 3, 2 * study.PLANNED_PROMPTS_PER_STEP]
+    assert study.generated_groups(kept) == 4
+    args = run_ab.ARMS["uniform_filter"]
+    assert args[args.index("--model.max_extra_generation_rounds") + 1] == "8"
+    assert args[args.index("--model.dynamic_sampling_allow_partial") + 1] == "true"
 
 
 def test_fp32_validation_casts_and_restores_exactly(tiny_model_dir):
