@@ -161,7 +161,8 @@ def test_run_order_is_seed_major_and_specs_parse():
     assert set(study.PLANNED_ARMS) <= set(run_ab.ARMS)
     specs = study.planned_study_specs()  # stage 1 (3 arms x 10 seeds) before stage 2, seed-major in each
     assert specs[:4] == [("uniform", 0), ("gainrl", 0), ("length", 0), ("uniform", 1)]
-    assert len(specs) == len(set(specs)) == 3 * 10 + 5 * 5 and specs[30] == ("accuracy_curriculum", 0)
+    assert len(specs) == len(set(specs)) == 3 * 10 + 4 * 5 + 1 and specs[30] == ("accuracy_curriculum", 0)
+    assert specs[-1] == ("greso", 0) and set(study.PLANNED_ARMS) >= {"greso", "uniform_filter", "mopps"}
 
 
 def test_wall_time_estimate_from_unit_costs():
