@@ -69,7 +69,7 @@ ARMS: dict[str, list[str]] = {
     # MoPPS also gets extra.rollouts_per_prompt = model.num_generations (set in `configure_arm`)
     "mopps": ["--data.schedule.name", "mopps"],
     # DAPO dynamic sampling: drops zero-variance groups and generates more (up to 8 extra rounds: with 3, 15 of
-    # 16 groups came back all-equal late in a run and it stopped); a step still short trains on what it kept.
+    # 16 groups of a step came back all-equal and seed 0 stopped); a step still short trains on what it kept.
     # Generation is counted in groups generated, training in groups trained (both in the report).
     "uniform_filter": ["--data.schedule.name", "uniform", "--model.dynamic_sampling", "true",
                        "--model.max_extra_generation_rounds", "8", "--model.dynamic_sampling_allow_partial", "true"],
