@@ -186,6 +186,13 @@ def trained_groups(r: dict) -> int:
                    for t in r["train"]))
 
 
+def same_run(a: dict, b: dict) -> bool:
+    """Two runs drew the same prompts every step and gave the same answers at every validation: one run twice
+    (e.g. GRESO when no prompt recurs draws uniform's rounds)."""
+    return ([t["indices"] for t in a["train"]] == [t["indices"] for t in b["train"]]
+            and [v["per_prompt"] for v in a["val"]] == [v["per_prompt"] for v in b["val"]])
+
+
 def spearman(x, y) -> float:
     """Spearman's rho with average ranks for ties (NaN for fewer than 3 points or a constant input)."""
     from scipy.stats import spearmanr
@@ -218,6 +225,8 @@ def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int
                "groups_generated": float(np.mean([generated_groups(r) for r in rs])),
                "groups_trained": float(np.mean([trained_groups(r) for r in rs])),
                "wall_s": float(np.mean([r["wall_s"] for r in rs])),
+               "identical_seeds": [s for s in sorted(runs[arm]) if arm != BASE_ARM and s in runs.get(BASE_ARM, {})
+                                   and same_run(runs[arm][s], runs[BASE_ARM][s])],
                **solved_share(rs)}
         pair = paired_arrays(runs, baseline, arm) if arm != BASE_ARM else None
         if pair is not None:
@@ -367,6 +376,11 @@ def power_markdown(rows: list[dict], baseline: dict, families: dict, solved: dic
     if any(r["arm"] != BASE_ARM and r["seeds"] < 2 for r in rows):
         lines += ["", "**An arm with 1 seed**: its interval resamples the validation prompts only, not the training "
                   "noise between seeds (which is larger): a * there is not evidence of a difference."]
+    for r in rows:
+        if r.get("identical_seeds"):
+            seeds = ", ".join(map(str, r["identical_seeds"]))
+            lines += ["", f"**{r['arm']} is uniform's run** on seed(s) {seeds}: the same prompts every step, the same "
+                      "answer to every validation prompt at every validation (not a tie: the same run)."]
     compared = [r for r in rows if "t_low" in (r.get("final_accuracy") or {})]
     if compared:
         lines += ["", "| the same differences, t interval over the seeds' paired differences (seeds only, 95 %) | "

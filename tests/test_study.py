@@ -57,6 +57,10 @@ def test_pilot_end_to_end_with_the_new_schedules(tiny_model_dir, tmp_path, capsy
         assert 0.0 <= row["groups_all_wrong"] + row["groups_all_right"] <= 1.0
         assert (row["groups_all_wrong"] * 8).is_integer()
     assert set(summary["family_differences"]) == {"greso", "mopps"}  # every compared arm, never uniform itself
+    # GRESO with nothing to skip is uniform's run, and the report says so (MoPPS draws other prompts)
+    identical = {a["arm"]: a["identical_seeds"] for a in summary["arms"]}
+    assert identical == {"uniform": [], "mopps": [], "greso": [0]}
+    assert "**greso is uniform's run** on seed(s) 0" in (out / "summary.md").read_text()
     assert "arm - uniform (paired 95 %)" in (out / "summary.md").read_text()
     assert (out / "val_accuracy.png").stat().st_size > 0 and (out / "differences.png").stat().st_size > 0
     assert "Power of the planned design" in proc.stdout and "only 1 seed per arm" in proc.stdout
