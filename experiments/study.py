@@ -250,11 +250,22 @@ def compare(runs: dict[str, dict[int, dict]], baseline: dict, *, replicates: int
     return rows
 
 
-def family_table(runs: dict[str, dict[int, dict]], baseline: dict) -> dict[str, dict[str, float]]:
-    """Final accuracy per validation family, per arm (mean over seeds); step 0 as `baseline`."""
+def val_families(baseline: dict) -> tuple[list[str], list[str]]:
+    """(the family of each validation prompt, the family names easiest level first)."""
     families = [p["family"] for p in baseline["val_prompts"]]
     level = {p["family"]: p["level"] for p in baseline["val_prompts"]}
-    names = sorted(set(families), key=lambda f: (level[f], f))  # easiest first
+    return families, sorted(set(families), key=lambda f: (level[f], f))
+
+
+def drawn_families(run: dict) -> list[list[str]]:
+    """The family of every prompt the run drew, step by step."""
+    family = {p["position"]: p["family"] for p in run["prompts"]}
+    return [[family[i] for i in t["indices"]] for t in run["train"]]
+
+
+def family_table(runs: dict[str, dict[int, dict]], baseline: dict) -> dict[str, dict[str, float]]:
+    """Final accuracy per validation family, per arm (mean over seeds); step 0 as `baseline`."""
+    families, names = val_families(baseline)
 
     def by_family(values):
         v = np.asarray(values, dtype=np.float64)
@@ -273,15 +284,12 @@ def family_differences(runs: dict[str, dict[int, dict]], baseline: dict, *,
     over seeds and that family's prompts), beside the share of that family among the prompts the arm and
     uniform drew over the whole run. Why an arm wins or loses: where its accuracy moved against what it
     trained on."""
-    families = [p["family"] for p in baseline["val_prompts"]]
-    level = {p["family"]: p["level"] for p in baseline["val_prompts"]}
-    names = sorted(set(families), key=lambda f: (level[f], f))
+    families, names = val_families(baseline)
 
     def drawn_share(rs: dict[int, dict], seeds: list[int]) -> dict[str, float]:
         shares = []
         for s in seeds:
-            family = {p["position"]: p["family"] for p in rs[s]["prompts"]}
-            shares.append(label_shares_by_phase([[family[i] for i in t["indices"]] for t in rs[s]["train"]], 1)[0])
+            shares.append(label_shares_by_phase(drawn_families(rs[s]), 1)[0])
         return {f: float(np.mean([sh.get(f, 0.0) for sh in shares])) for f in names}
 
     out = {}
@@ -310,10 +318,8 @@ def drawn_family_table(runs: dict[str, dict[int, dict]], phases: int = 3) -> dic
         if arm_phases < 1:
             continue
         for r in rs.values():
-            family = {p["position"]: p["family"] for p in r["prompts"]}
             steps = [t["step"] for t in r["train"]]
-            drawn = [[family[i] for i in t["indices"]] for t in r["train"]]
-            per_seed.append(label_shares_by_phase(drawn, arm_phases))
+            per_seed.append(label_shares_by_phase(drawn_families(r), arm_phases))
             spans = [(int(s[0]), int(s[-1])) for s in np.array_split(np.asarray(steps), arm_phases)]
         names = {f for shares in per_seed for phase in shares for f in phase}
         out[arm] = [{"steps": list(span), "shares": {f: float(np.mean([s[k].get(f, 0.0) for s in per_seed]))
