@@ -22,6 +22,7 @@ from torch import Tensor
 
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+IS_LEVELS = ("token", "sequence")  # the policy ratio (GRPO / GSPO) and the engine correction
 
 
 def check_scale_rewards(scale_rewards: str) -> str:
@@ -36,6 +37,15 @@ def check_loss_type(loss_type: str) -> str:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     return loss_type
+
+
+def check_importance_sampling_level(level: str) -> str:
+    """`level` if it is one of `IS_LEVELS` (`token`: GRPO's ratio, `sequence`: GSPO's); ValueError otherwise."""
+    if level not in IS_LEVELS:
+        raise ValueError(f"importance_sampling_level={level!r}: allowed values are {', '.join(IS_LEVELS)} "
+                         "(token: GRPO's per-token ratio; sequence: GSPO's per-completion ratio)")
+    return level
+
 
 # Elements per float32 chunk when `chunk_size` is not given: 2**24 floats = 64 MiB, e.g. 512 tokens of a
 # 32k vocabulary. Big enough that the Python loop is cheap, small next to the logits themselves.
@@ -320,11 +330,13 @@ def policy_loss(
     num_items_in_batch: float | Tensor | None = None,
     delta: float | None = None,
     sampling_weights: Tensor | None = None,
+    importance_sampling_level: str = "token",
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's clipped policy-gradient loss (TRL's `GRPOTrainer` semantics).
 
     Per token: ratio r = exp(logp - old_logp), loss_t = -min(r * A, clip(r, 1 - epsilon, 1 + epsilon_high) * A)
-    (+ beta * KL_t), then aggregated over the completion tokens by `loss_type`.
+    (+ beta * KL_t), then aggregated over the completion tokens by `loss_type`. With
+    `importance_sampling_level="sequence"` (GSPO) r is one ratio per completion instead.
 
     Args:
         logp: `(B, T)` log-probs of the completion tokens under the current policy (with grad).
@@ -355,6 +367,13 @@ def policy_loss(
         sampling_weights: `(B, T)` or `(B, 1)` importance weights of the samples (`importance_sampling_weights`:
             the rollout engine's samples are slightly off the trainer's policy); each token's clipped loss is
             multiplied by its weight before aggregation (the KL term is not). `None` = all 1.
+        importance_sampling_level: `token` (GRPO): a ratio per token. `sequence` (GSPO, Zheng et al. 2025,
+            "Group Sequence Policy Optimization"; TRL's `importance_sampling_level`): every token of a completion
+            gets its sequence's ratio s = exp(mean over its tokens of (logp - old_logp)), length-normalised so
+            that it stays near 1, and a completion is clipped as a whole. The gradient of s with respect to a
+            token's logp is s / |y|: on-policy (s = 1) the gradient equals the token level's for every
+            `loss_type`; the two differ only once the policy has moved off the rollout's (`num_iterations` > 1
+            or several optimizer steps per rollout). GSPO's clip ranges are far smaller (3e-4 / 4e-4).
 
     Returns:
         `(loss, metrics)`: the scalar float32 loss, and detached scalar metrics: `clip_fraction_low`
@@ -364,10 +383,11 @@ def policy_loss(
         tokens; an all-zero mask gives 0 everywhere, never NaN.
 
     Raises:
-        ValueError: unknown `loss_type`, `beta > 0` without `ref_logp`, `dr_grpo` without
-            `max_completion_length`, negative `epsilon`/`beta`, or mismatched shapes.
+        ValueError: unknown `loss_type` or `importance_sampling_level`, `beta > 0` without `ref_logp`, `dr_grpo`
+            without `max_completion_length`, negative `epsilon`/`beta`, or mismatched shapes.
     """
     check_loss_type(loss_type)
+    check_importance_sampling_level(importance_sampling_level)
     if beta < 0 or epsilon < 0 or (epsilon_high is not None and epsilon_high < 0):
         raise ValueError(f"beta={beta}, epsilon={epsilon}, epsilon_high={epsilon_high} must be >= 0")
     if beta > 0 and ref_logp is None:
@@ -392,6 +412,9 @@ def policy_loss(
     # Masked positions are set to a neutral 0 before exp: padding can hold arbitrary log-probs, and
     # exp(large) = inf would turn into NaN (inf * 0) in both the loss and its gradient.
     log_ratio = torch.where(mask, logp - old, 0.0)
+    if importance_sampling_level == "sequence":
+        # (B, 1), broadcast over the tokens below: one clip decision per completion
+        log_ratio = log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)
     clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
     unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
@@ -424,6 +447,7 @@ def policy_loss(
         loss = total / denominator
 
     with torch.no_grad():
+        ratio = ratio.expand_as(mask)  # sequence level: the metrics count a completion's tokens, as the token level
         low = (ratio < 1 - epsilon) & (adv < 0) & mask
         high = (ratio > 1 + eps_high) & (adv > 0) & mask
         metrics = {
@@ -438,7 +462,6 @@ def policy_loss(
 
 
 # ------------------------------------------------------------------ off-policy correction of engine samples
-IS_LEVELS = ("token", "sequence")
 IS_MODES = ("truncate", "mask")
 
 

@@ -32,6 +32,7 @@ from gainrl_pl.engines import resolve_rollout_engine, vllm_installed
 from gainrl_pl.engines.vllm import VllmSettings
 from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
+    check_importance_sampling_level,
     check_loss_type,
     check_scale_rewards,
     compute_advantages,
@@ -125,6 +126,10 @@ class GRPOModule(pl.LightningModule):
         epsilon: Lower clipping range of the probability ratio.
         epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
         delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
+        importance_sampling_level: The policy ratio of the clipped loss (TRL's name): `token` (GRPO) or `sequence`
+            (GSPO: one ratio per completion, exp of its mean token log-ratio, clipped as a whole; use GSPO's small
+            clip ranges, e.g. `epsilon` 3e-4 and `epsilon_high` 4e-4). The same as `token` while on-policy: it
+            acts with `num_iterations` > 1 or `steps_per_rollout` > 1.
         beta: KL coefficient to the reference model (k3 estimator); 0 loads no reference model.
         reward_funcs: Reward functions (TRL's name): built-in names (`accuracy`, `format`, `length_penalty`) or
             dotted paths `package.module.function` with TRL's signature (e.g. `trl.rewards.accuracy_reward`);
@@ -195,6 +200,7 @@ class GRPOModule(pl.LightningModule):
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
         delta: float | None = None,
+        importance_sampling_level: str = "token",
         beta: float = 0.0,
         reward_funcs: list[str | Callable] | None = None,
         rewards: list[str | Callable] | None = None,
@@ -235,6 +241,7 @@ class GRPOModule(pl.LightningModule):
         self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
         self.hparams["rewards"] = None
         check_loss_type(loss_type)
+        check_importance_sampling_level(importance_sampling_level)
         check_scale_rewards(scale_rewards)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
@@ -440,6 +447,7 @@ class GRPOModule(pl.LightningModule):
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
                         epsilon_high=hp.epsilon_high, beta=hp.beta, delta=hp.delta,
+                        importance_sampling_level=hp.importance_sampling_level,
                         max_completion_length=hp.max_completion_length,
                         num_items_in_batch=global_tokens / self.trainer.world_size,
                         sampling_weights=weights)

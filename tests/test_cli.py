@@ -42,6 +42,7 @@ def test_help_shows_docstrings():
         main(["fit", "--help"])
     text = out.getvalue()
     assert "completions sampled per prompt" in text  # GRPOModule.num_generations
+    assert "--model.importance_sampling_level" in text and "GSPO" in text
     assert "accuracy_source" in text and "--data.schedule.help" in text and "--model.lora.help" in text
     for group, expected in (("--data.schedule.help", "Prompts per sampling round"),
                             ("--model.lora.help", "Rank of the LoRA update matrices")):
@@ -75,11 +76,14 @@ def toy_jsonl(tmp_path):
 
 def test_cli_fit_two_steps_writes_checkpoint_and_adapterless_hf_model(tiny_model_dir, toy_jsonl, tmp_path):
     # checkpoints every 5 steps, 2 steps run: the final weights are still saved when training ends
-    cli = run_lightning_cli(cli_args(tiny_model_dir, toy_jsonl, tmp_path, extra=["--checkpoint.every_n_train_steps", "5"]))
+    # (GSPO's sequence-level ratio set from the command line, kept in the checkpoint's hyperparameters)
+    cli = run_lightning_cli(cli_args(tiny_model_dir, toy_jsonl, tmp_path, extra=[
+        "--checkpoint.every_n_train_steps", "5", "--model.importance_sampling_level", "sequence"]))
     assert cli.trainer.global_step == 2
     import torch
 
-    assert torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)["global_step"] == 2
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert saved["global_step"] == 2 and saved["hyper_parameters"]["importance_sampling_level"] == "sequence"
     hf_dirs = list((tmp_path / "ckpt").glob("*.hf"))
     assert hf_dirs and all((d / "config.json").exists() for d in hf_dirs)  # full fine-tune: whole model saved
 

@@ -343,6 +343,66 @@ def test_dapo_micro_batches_sum_to_the_whole_batch():
     assert sum(parts).item() == pytest.approx(whole.item(), abs=1e-6)
 
 
+# ------------------------------------------------------------------------------ GSPO: the sequence-level ratio
+def test_sequence_level_ratio_by_hand():
+    """GSPO: s_i = exp(mean of the completion's token log-ratios), on every one of its tokens.
+
+    seq 0: ratios 1.5, 0.9 -> s0 = (1.35)^(1/2) = 1.161895, A = 1: inside [0.8, 1.2], loss -s0 per token.
+    seq 1: ratios 1.1, 0.7, 1.0 -> s1 = (0.77)^(1/3) = 0.916566, A = -0.5: loss 0.5 s1 per token.
+    The token level clips seq 0's first token (1.5) and seq 1's second (0.7); the sequence level neither.
+    """
+    logp, old, adv, mask = two_sequences()
+    s0, s1 = 1.35 ** 0.5, 0.77 ** (1 / 3)
+    loss, metrics = policy_loss(logp, old, None, adv, mask, loss_type="bnpo", epsilon=0.2,
+                                importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx((2 * -s0 + 3 * 0.5 * s1) / 5, abs=1e-6)
+    assert metrics["clip_fraction"].item() == 0.0
+    assert metrics["ratio_mean"].item() == pytest.approx((2 * s0 + 3 * s1) / 5, abs=1e-6)
+    # grpo: mean over sequences of each one's token mean; d s_i / d logp_t = s_i / |y_i|
+    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="grpo", epsilon=0.2,
+                          importance_sampling_level="sequence")
+    assert loss.item() == pytest.approx((-s0 + 0.5 * s1) / 2, abs=1e-6)
+    loss.backward()
+    expected = torch.tensor([[-s0 / 2 / 2] * 2 + [0.0], [0.5 * s1 / 3 / 2] * 3])
+    torch.testing.assert_close(logp.grad, expected)
+
+
+def test_sequence_level_clips_a_completion_as_a_whole():
+    # epsilon 0.1: s0 = 1.162 > 1.1 with A > 0, so both of seq 0's tokens lose their gradient. The token level
+    # clips only its first token (1.5); its second (0.9, below 1 with A > 0) keeps a gradient.
+    grads = {}
+    for level in ("token", "sequence"):
+        logp, old, adv, mask = two_sequences()
+        loss, metrics = policy_loss(logp, old, None, adv, mask, loss_type="bnpo", epsilon=0.1,
+                                    importance_sampling_level=level)
+        loss.backward()
+        grads[level] = logp.grad
+        if level == "sequence":
+            assert metrics["clip_fraction_high"].item() == pytest.approx(2 / 5)  # both tokens of seq 0
+    assert torch.equal(grads["sequence"][0], torch.zeros(3))
+    assert grads["token"][0, 0] == 0 and grads["token"][0, 1] != 0
+
+
+@pytest.mark.parametrize("loss_type", LOSS_TYPES)
+def test_sequence_level_equals_token_level_on_policy(loss_type):
+    # ratio 1 (old_logp None): d s_i / d logp_t = 1 / |y_i| and each of the |y_i| tokens carries s_i, so every
+    # token's gradient is the token level's, whatever the aggregation (and with a KL term)
+    gen = torch.Generator().manual_seed(0)
+    base = -torch.rand(3, 5, generator=gen) * 3
+    ref = base - torch.rand(3, 5, generator=gen) * 0.1
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0]])
+    adv = torch.tensor([0.7, -1.3, 0.4])
+    out = {}
+    for level in ("token", "sequence"):
+        logp = base.clone().requires_grad_()
+        loss, _ = policy_loss(logp, None, ref, adv, mask, loss_type=loss_type, beta=0.04, max_completion_length=5,
+                              num_items_in_batch=20, importance_sampling_level=level)
+        loss.backward()
+        out[level] = (loss.detach(), logp.grad)
+    torch.testing.assert_close(out["sequence"][0], out["token"][0])
+    torch.testing.assert_close(out["sequence"][1], out["token"][1])
+
+
 def test_loss_argument_errors():
     logp, old, adv, mask = two_sequences()
     with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo"):
@@ -355,3 +415,5 @@ def test_loss_argument_errors():
         policy_loss(logp, old[:, :2], None, adv, mask)
     with pytest.raises(ValueError, match="one value per sequence"):
         policy_loss(logp, old, None, adv[:1], mask)
+    with pytest.raises(ValueError, match="importance_sampling_level='seq'.*token, sequence"):
+        policy_loss(logp, old, None, adv, mask, importance_sampling_level="seq")

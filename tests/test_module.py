@@ -101,6 +101,28 @@ def test_fit_lora_with_kl_num_iterations_and_angle_schedule(tiny_model_dir, toy_
     assert dm.ranking is not None and sorted(dm.ranking) == list(range(len(dm.train_set)))
 
 
+def test_gspo_sequence_level_reaches_the_loss_and_trains(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import gainrl_pl.module as module_lib
+
+    seen = []
+    real = module_lib.policy_loss
+
+    def spy(*args, **kwargs):
+        loss, metrics = real(*args, **kwargs)
+        seen.append((kwargs["importance_sampling_level"], metrics["ratio_mean"].item()))
+        return loss, metrics
+
+    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    module = make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8), num_iterations=2,
+                         importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4)
+    before = trainable_snapshot(module)
+    trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=2)
+    assert trainer.global_step == 2 and assert_changed(before, module)
+    assert seen and {level for level, _ in seen} == {"sequence"}
+    assert seen[0][1] == 1.0 and seen[-1][1] != 1.0  # the second pass over the rollout is off-policy
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+
+
 def test_beta_zero_loads_no_reference_and_full_ft_beta_copies(tiny_model_dir):
     assert make_module(tiny_model_dir, beta=0.0).ref_model is None
     module = make_module(tiny_model_dir, beta=0.1)
@@ -172,6 +194,8 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, loss_type="ppo")
     with pytest.raises(ValueError, match="num_generations=-2"):
         make_module(tiny_model_dir, num_generations=-2)
+    with pytest.raises(ValueError, match="importance_sampling_level='seq'.*token, sequence"):
+        make_module(tiny_model_dir, importance_sampling_level="seq")
     with pytest.raises(ValueError, match="lora.target_modules"):
         make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="quantization .* needs lora"):
