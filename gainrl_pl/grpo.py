@@ -315,6 +315,38 @@ def masked_mean(values: Tensor, mask: Tensor) -> Tensor:
     return torch.where(mask, values, 0.0).sum() / mask.sum().clamp(min=1)
 
 
+def high_entropy_mask(entropy: Tensor, completion_mask: Tensor, top_quantile: float) -> Tensor:
+    """The completion tokens whose entropy lies in the top `top_quantile` share (TRL's `top_entropy_quantile`).
+
+    Wang et al. 2025 ("Beyond the 80/20 Rule: High-Entropy Minority Tokens Drive Effective RLVR") train on the
+    ~20% of tokens with the highest entropy, the "forking" tokens where the policy chooses between paths, and
+    report equal or better results than training on all of them. A token is kept when its entropy is at least the
+    (1 - top_quantile) quantile (linear interpolation) of the completion tokens' entropies; ties at the threshold
+    are all kept.
+
+    Args:
+        entropy: `(B, T)` per-token entropies of the policy's sampling distribution.
+        completion_mask: `(B, T)` 1/True for the completion tokens that count; the others are never kept and do
+            not enter the quantile.
+        top_quantile: Share of the tokens to keep, in (0, 1]; 1 keeps every completion token.
+
+    Returns:
+        `(B, T)` bool mask, a subset of `completion_mask`.
+    """
+    if not 0 < top_quantile <= 1:
+        raise ValueError(f"top_entropy_quantile={top_quantile} must be in (0, 1] (0.2 keeps the 20% of completion "
+                         "tokens with the highest entropy; 1.0 keeps all)")
+    if tuple(entropy.shape) != tuple(completion_mask.shape):
+        raise ValueError(f"entropy shape {tuple(entropy.shape)} must equal completion_mask shape "
+                         f"{tuple(completion_mask.shape)}")
+    mask = completion_mask.bool()
+    if top_quantile == 1 or not bool(mask.any()):
+        return mask
+    entropy = entropy.detach().float()
+    threshold = torch.quantile(entropy[mask], 1 - top_quantile)
+    return (entropy >= threshold) & mask
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor | None,

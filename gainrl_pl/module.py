@@ -36,6 +36,7 @@ from gainrl_pl.grpo import (
     check_loss_type,
     check_scale_rewards,
     compute_advantages,
+    high_entropy_mask,
     importance_sampling_weights,
     masked_mean,
     policy_loss,
@@ -126,6 +127,10 @@ class GRPOModule(pl.LightningModule):
         epsilon: Lower clipping range of the probability ratio.
         epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
         delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
+        top_entropy_quantile: Train the policy term on this share of each micro-batch's completion tokens, those of
+            highest entropy (TRL's name; Wang et al. 2025 keep 0.2); 1.0 trains on all. The quantile is taken over
+            this rank's micro-batch (TRL's over all processes); the KL term and the loss's denominator keep every
+            token, as in TRL.
         importance_sampling_level: The policy ratio of the clipped loss (TRL's name): `token` (GRPO) or `sequence`
             (GSPO: one ratio per completion, exp of its mean token log-ratio, clipped as a whole; use GSPO's small
             clip ranges, e.g. `epsilon` 3e-4 and `epsilon_high` 4e-4). The same as `token` while on-policy: it
@@ -201,6 +206,7 @@ class GRPOModule(pl.LightningModule):
         epsilon_high: float | None = None,
         delta: float | None = None,
         importance_sampling_level: str = "token",
+        top_entropy_quantile: float = 1.0,
         beta: float = 0.0,
         reward_funcs: list[str | Callable] | None = None,
         rewards: list[str | Callable] | None = None,
@@ -242,6 +248,9 @@ class GRPOModule(pl.LightningModule):
         self.hparams["rewards"] = None
         check_loss_type(loss_type)
         check_importance_sampling_level(importance_sampling_level)
+        if not 0 < top_entropy_quantile <= 1:
+            raise ValueError(f"top_entropy_quantile={top_entropy_quantile} must be in (0, 1]: the share of completion "
+                             "tokens trained on (0.2 = the 20% of highest entropy, 1.0 = all)")
         check_scale_rewards(scale_rewards)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
@@ -423,6 +432,7 @@ class GRPOModule(pl.LightningModule):
         train_tokens = 0
         skipped = 0
         t0 = _now()
+        entropy_filter = hp.top_entropy_quantile < 1
         for iteration in range(hp.num_iterations):
             for mb in mini_batches:
                 global_tokens = self._global_token_count(loss_mask[mb])
@@ -435,7 +445,7 @@ class GRPOModule(pl.LightningModule):
                                              use_cache=False, logits_to_keep=rollout.completion_ids.shape[1] + 1).logits
                     logits = logits[:, :-1]
                     log_entropy = k == 0 and iteration == 0
-                    if log_entropy:  # the metric comes from the same chunked pass over the logits
+                    if log_entropy or entropy_filter:  # entropies come from the same chunked pass over the logits
                         logp, entropy = token_logprobs_and_entropy(logits, rollout.completion_ids[idx],
                                                                    temperature=hp.temperature)
                     else:
@@ -443,6 +453,9 @@ class GRPOModule(pl.LightningModule):
                     weights = None if is_weights is None else is_weights[idx]
                     if correct and old_logp is None:  # this forward is the sampling policy's (see above)
                         weights = self._importance_weights(logp.detach(), rollout, loss_mask, idx, is_stats)
+                    if entropy_filter:  # the policy term only: weights multiply it, not the KL or the denominator
+                        kept = high_entropy_mask(entropy, loss_mask[idx], hp.top_entropy_quantile)
+                        weights = kept.float() if weights is None else weights * kept
                     loss, metrics = policy_loss(
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
@@ -458,6 +471,8 @@ class GRPOModule(pl.LightningModule):
                     metrics["loss"] = loss.detach() * (1 if hp.loss_type == "dapo" else len(micro))
                     if log_entropy:
                         metrics["entropy"] = masked_mean(entropy, loss_mask[idx])
+                    if entropy_filter:
+                        metrics["entropy_kept_fraction"] = masked_mean(kept.float(), loss_mask[idx])
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                     losses.append(float(metrics["loss"]))

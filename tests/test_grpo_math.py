@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 from gainrl_pl.grpo import (
     LOSS_TYPES,
     compute_advantages,
+    high_entropy_mask,
     policy_loss,
     selective_log_softmax,
     token_entropy,
@@ -401,6 +402,38 @@ def test_sequence_level_equals_token_level_on_policy(loss_type):
         out[level] = (loss.detach(), logp.grad)
     torch.testing.assert_close(out["sequence"][0], out["token"][0])
     torch.testing.assert_close(out["sequence"][1], out["token"][1])
+
+
+# ---------------------------------------------------------------------- top_entropy_quantile: high-entropy tokens
+def test_high_entropy_mask_by_hand():
+    # completion entropies 1..5 (the padding's 9.0 must not count): the 0.6 quantile of [1, 2, 3, 4, 5] is
+    # 1 + 0.6 * 4 = 3.4, so top 0.4 keeps 4 and 5
+    entropy = torch.tensor([[1.0, 5.0, 9.0], [3.0, 2.0, 4.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    kept = high_entropy_mask(entropy, mask, 0.4)
+    assert kept.dtype == torch.bool
+    assert kept.tolist() == [[False, True, False], [False, False, True]]
+    assert high_entropy_mask(entropy, mask, 1.0).tolist() == mask.bool().tolist()  # 1.0: every completion token
+    assert high_entropy_mask(torch.ones(2, 3), mask, 0.2).tolist() == mask.bool().tolist()  # ties all kept
+    assert not high_entropy_mask(entropy, torch.zeros(2, 3), 0.2).any()  # no completion token, nothing kept
+    with pytest.raises(ValueError, match=r"top_entropy_quantile=0 must be in \(0, 1\]"):
+        high_entropy_mask(entropy, mask, 0)
+    with pytest.raises(ValueError, match="entropy shape"):
+        high_entropy_mask(entropy[:, :2], mask, 0.5)
+
+
+def test_entropy_mask_as_weights_zeroes_the_policy_gradient_but_keeps_kl_and_denominator():
+    # the module passes the mask as sampling weights: the dropped tokens lose the policy term (zero gradient without
+    # a KL), the kept ones keep exactly their gradient, and the denominator (dapo: the global token count) is unchanged
+    logp, old, adv, mask = two_sequences()
+    kept = torch.tensor([[1, 0, 0], [0, 1, 1]]).float()
+    loss_all, _ = policy_loss(logp, old, None, adv, mask, loss_type="dapo", num_items_in_batch=5)
+    loss_all.backward()
+    full = logp.grad.clone()
+    logp.grad = None
+    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="dapo", num_items_in_batch=5, sampling_weights=kept)
+    loss.backward()
+    torch.testing.assert_close(logp.grad, full * kept)
 
 
 def test_loss_argument_errors():

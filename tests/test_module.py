@@ -123,6 +123,30 @@ def test_gspo_sequence_level_reaches_the_loss_and_trains(tiny_model_dir, toy_dat
     assert torch.isfinite(trainer.callback_metrics["train/loss"])
 
 
+def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import gainrl_pl.module as module_lib
+
+    weights = []
+    real = module_lib.policy_loss
+
+    def spy(*args, **kwargs):
+        weights.append((kwargs["sampling_weights"], args[4]))  # (weights, completion mask)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    module = make_module(tiny_model_dir, top_entropy_quantile=0.25, micro_batch_size=8)
+    before = trainable_snapshot(module)
+    trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
+    assert assert_changed(before, module)
+    assert len(weights) == 2  # 4 prompts x G=4 = 16 completions in micro-batches of 8
+    for w, mask in weights:
+        mask = mask.bool()
+        assert w is not None and set(w.unique().tolist()) <= {0.0, 1.0} and not w[~mask].any()
+        share = float(w[mask].mean())
+        assert 0.2 <= share <= 0.4, share  # the top quarter of this micro-batch's completion tokens (ties kept)
+    assert 0.2 <= float(trainer.callback_metrics["train/entropy_kept_fraction"]) <= 0.4
+
+
 def test_beta_zero_loads_no_reference_and_full_ft_beta_copies(tiny_model_dir):
     assert make_module(tiny_model_dir, beta=0.0).ref_model is None
     module = make_module(tiny_model_dir, beta=0.1)
@@ -196,6 +220,8 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, num_generations=-2)
     with pytest.raises(ValueError, match="importance_sampling_level='seq'.*token, sequence"):
         make_module(tiny_model_dir, importance_sampling_level="seq")
+    with pytest.raises(ValueError, match=r"top_entropy_quantile=0.0 must be in \(0, 1\]"):
+        make_module(tiny_model_dir, top_entropy_quantile=0.0)
     with pytest.raises(ValueError, match="lora.target_modules"):
         make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="quantization .* needs lora"):
