@@ -23,6 +23,7 @@ from torch import Tensor
 SCALE_REWARDS = ("group", "batch", "none")
 LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
 IS_LEVELS = ("token", "sequence")  # the policy ratio (GRPO / GSPO) and the engine correction
+MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
 
 def check_scale_rewards(scale_rewards: str) -> str:
@@ -102,6 +103,57 @@ def compute_advantages(rewards: Tensor, scale_rewards: str = "group", eps: float
     # The mean of equal floats can differ from them by one ulp; force those groups to an exact 0.
     constant = (r.amax(dim=1, keepdim=True) == r.amin(dim=1, keepdim=True)).expand_as(r)
     return torch.where(constant, torch.zeros_like(advantages), advantages)
+
+
+def normalized_reward_sum(per_function: Tensor, weights: Tensor, num_generations: int, eps: float = 1e-4) -> Tensor:
+    """GDPO's first step (TRL's `multi_objective_aggregation="normalize_then_sum"`): each reward function's values
+    normalised within each group, then the weighted sum.
+
+    Summing first lets the reward with the largest spread decide the advantage; GDPO (NVlabs, 2026) normalises
+    each reward within the group first, so that a 0/1 accuracy and a small format bonus each count by their
+    weight. Per group and function:
+    (r - mean) / (std + eps), over the completions where the function applied (NaN = it returned None), with the
+    unbiased std; a function constant in a group (or applying to fewer than 2 of its completions) contributes 0.
+
+    Args:
+        per_function: `(N, F)` rewards of N = groups x G completions, row i*G + j the j-th completion of group i;
+            NaN where a function returned None.
+        weights: `(F,)` the reward weights.
+        num_generations: G.
+        eps: Added to each std (TRL's 1e-4).
+
+    Returns:
+        `(N,)` float32 weighted sum of the normalised rewards; finite.
+    """
+    if per_function.dim() != 2 or per_function.shape[0] % num_generations:
+        raise ValueError(f"per_function must be (groups x G, F) with G = {num_generations}, got "
+                         f"{tuple(per_function.shape)}")
+    if tuple(weights.shape) != (per_function.shape[1],):
+        raise ValueError(f"{tuple(weights.shape)} weights for {per_function.shape[1]} reward functions")
+    r = per_function.float().view(-1, num_generations, per_function.shape[1])
+    present = ~torch.isnan(r)
+    count = present.sum(dim=1, keepdim=True)
+    values = torch.where(present, r, 0.0)
+    mean = values.sum(dim=1, keepdim=True) / count.clamp(min=1)
+    centred = torch.where(present, r - mean, 0.0)
+    std = (centred.pow(2).sum(dim=1, keepdim=True) / (count - 1).clamp(min=1)).sqrt()
+    normalised = torch.where(present & (count > 1), centred / (std + eps), 0.0)
+    # a function constant in the group is exactly 0 there, not a one-ulp residue over eps
+    constant = (torch.where(present, r, float("inf")).amin(dim=1, keepdim=True)
+                == torch.where(present, r, float("-inf")).amax(dim=1, keepdim=True))
+    normalised = torch.where(constant, 0.0, normalised)
+    return (normalised * weights.float().to(r.device)).sum(dim=2).reshape(-1)
+
+
+def batch_normalize(values: Tensor, mean: Tensor | float | None = None, std: Tensor | float | None = None,
+                    eps: float = 1e-4) -> Tensor:
+    """(values - mean) / (std + eps) over the batch: GDPO's second step. `mean`/`std` are the global batch's under
+    DDP (every rank's values); by default those of `values` (unbiased std; 0 for a single value)."""
+    v = values.float()
+    m = v.mean() if mean is None else torch.as_tensor(mean, dtype=v.dtype, device=v.device)
+    s = (v.std() if v.numel() > 1 else v.new_zeros(())) if std is None else torch.as_tensor(
+        std, dtype=v.dtype, device=v.device)
+    return (v - m) / (s + eps)
 
 
 # --------------------------------------------------------------------------------------------- log-probs

@@ -32,6 +32,8 @@ from gainrl_pl.engines import resolve_rollout_engine, vllm_installed
 from gainrl_pl.engines.vllm import VllmSettings
 from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
+    MULTI_OBJECTIVE_AGGREGATIONS,
+    batch_normalize,
     check_importance_sampling_level,
     check_loss_type,
     check_scale_rewards,
@@ -39,6 +41,7 @@ from gainrl_pl.grpo import (
     high_entropy_mask,
     importance_sampling_weights,
     masked_mean,
+    normalized_reward_sum,
     policy_loss,
     token_logprobs,
     token_logprobs_and_entropy,
@@ -55,7 +58,13 @@ from gainrl_pl.models import (
 )
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
-from gainrl_pl.rewards import COMPLETION_FORMATS, ChatInputs, RewardComputer, check_answer_extraction
+from gainrl_pl.rewards import (
+    COMPLETION_FORMATS,
+    ChatInputs,
+    RewardComputer,
+    RewardOutput,
+    check_answer_extraction,
+)
 from gainrl_pl.rng_state import (
     CHECKPOINT_KEY as RNG_CHECKPOINT_KEY,
 )
@@ -141,6 +150,11 @@ class GRPOModule(pl.LightningModule):
             `null` = `[accuracy]`.
         rewards: The same as `reward_funcs` (this option's name before TRL's was adopted; set one of the two).
         reward_weights: One weight per reward function (`null` = all 1).
+        multi_objective_aggregation: How several reward functions make one advantage (TRL's name):
+            `sum_then_normalize` (GRPO: the weighted sum, then `scale_rewards`) or `normalize_then_sum` (GDPO: each
+            function normalised within the group, the weighted sum, then normalised over the batch;
+            `scale_rewards` does not apply). With one reward function it differs from `scale_rewards: group` only
+            by that last batch normalisation.
         answer_extraction: How the built-in `accuracy` reward reads a completion's answer, in training and in
             validation alike: `boxed` = the last `\\boxed{}` only (the paper's rule); `flexible` = the last
             `\\boxed{}`, else the last number in the text (credits a last number that is an intermediate step).
@@ -211,6 +225,7 @@ class GRPOModule(pl.LightningModule):
         reward_funcs: list[str | Callable] | None = None,
         rewards: list[str | Callable] | None = None,
         reward_weights: list[float] | None = None,
+        multi_objective_aggregation: str = "sum_then_normalize",
         answer_extraction: str = "boxed",
         completion_format: str = "auto",
         reward_on_error: str = "raise",
@@ -252,6 +267,7 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"top_entropy_quantile={top_entropy_quantile} must be in (0, 1]: the share of completion "
                              "tokens trained on (0.2 = the 20% of highest entropy, 1.0 = all)")
         check_scale_rewards(scale_rewards)
+        _validate_choice("multi_objective_aggregation", multi_objective_aggregation, MULTI_OBJECTIVE_AGGREGATIONS)
         _validate_choice("lr_schedule", lr_schedule, LR_SCHEDULES)
         _validate_choice("reward_on_error", reward_on_error, ("raise", "zero"))
         check_answer_extraction(answer_extraction)
@@ -260,8 +276,12 @@ class GRPOModule(pl.LightningModule):
                      "val_num_samples", "max_consecutive_nonfinite"):
             if getattr(self.hparams, name) < 1:
                 raise ValueError(f"{name}={getattr(self.hparams, name)} must be >= 1")
-        if num_generations < 2 and scale_rewards == "group":
+        gdpo = multi_objective_aggregation == "normalize_then_sum"
+        if num_generations < 2 and (scale_rewards == "group" or gdpo):
             raise ValueError("num_generations=1 gives every group zero advantage; use num_generations >= 2")
+        if gdpo and scale_rewards != "group":
+            rank_zero_warn(f"scale_rewards={scale_rewards!r} does not apply with multi_objective_aggregation="
+                           "'normalize_then_sum' (GDPO normalises each reward within its group, then the batch)")
         if beta < 0 or epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
             raise ValueError(f"beta={beta} must be >= 0 and epsilon/epsilon_high > 0")
         if temperature <= 0:
@@ -397,15 +417,25 @@ class GRPOModule(pl.LightningModule):
         completions = self._decode(rollout.completion_ids, rollout.completion_mask)
         return GroupBatch(batch, rollout, completions, self._rewards(batch, completions, hp.num_generations, rollout))
 
+    def _advantages(self, rewards: RewardOutput) -> torch.Tensor:
+        """One advantage per completion, by `multi_objective_aggregation` (the batch statistics are the global
+        batch's under DDP, as TRL's after its gather; every rank holds as many groups)."""
+        hp = self.hparams
+        if hp.multi_objective_aggregation == "normalize_then_sum":
+            summed = normalized_reward_sum(rewards.per_function, self.reward_computer.weights, hp.num_generations)
+            everything = self._gather_flat(summed) if self.trainer.world_size > 1 else summed
+            return batch_normalize(summed, everything.mean(), everything.std() if everything.numel() > 1 else 0.0)
+        group_rewards = rewards.total.view(-1, hp.num_generations)
+        batch_std = None
+        if hp.scale_rewards == "batch" and self.trainer.world_size > 1:
+            batch_std = self._gather_flat(group_rewards.reshape(-1)).std()
+        return compute_advantages(group_rewards, scale_rewards=hp.scale_rewards, batch_std=batch_std).reshape(-1)
+
     def _train_on(self, groups: GroupBatch, step_metrics: dict[str, list[float]]) -> tuple[int, float]:
         """Advantages, then `num_iterations` passes of clipped-loss updates; returns (tokens trained, seconds)."""
         hp = self.hparams
         rollout = groups.rollout
-        group_rewards = groups.rewards.total.view(-1, hp.num_generations)
-        batch_std = None
-        if hp.scale_rewards == "batch" and self.trainer.world_size > 1:  # TRL's: the std of the global batch
-            batch_std = self._gather_flat(group_rewards.reshape(-1)).std()  # as many groups on every rank
-        advantages = compute_advantages(group_rewards, scale_rewards=hp.scale_rewards, batch_std=batch_std).reshape(-1)
+        advantages = self._advantages(groups.rewards)
         loss_mask = rollout.completion_mask.clone()
         if hp.mask_truncated_completions:
             loss_mask[rollout.truncated] = 0

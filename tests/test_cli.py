@@ -43,6 +43,7 @@ def test_help_shows_docstrings():
     text = out.getvalue()
     assert "completions sampled per prompt" in text  # GRPOModule.num_generations
     assert "--model.importance_sampling_level" in text and "GSPO" in text
+    assert "--model.multi_objective_aggregation" in text and "GDPO" in text
     assert "accuracy_source" in text and "--data.schedule.help" in text and "--model.lora.help" in text
     for group, expected in (("--data.schedule.help", "Prompts per sampling round"),
                             ("--model.lora.help", "Rank of the LoRA update matrices")):

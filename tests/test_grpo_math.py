@@ -11,8 +11,10 @@ from hypothesis import strategies as st
 
 from gainrl_pl.grpo import (
     LOSS_TYPES,
+    batch_normalize,
     compute_advantages,
     high_entropy_mask,
+    normalized_reward_sum,
     policy_loss,
     selective_log_softmax,
     token_entropy,
@@ -84,6 +86,47 @@ def test_advantages_are_centred_and_finite(rows, scale):
     adv = compute_advantages(torch.tensor(rows, dtype=torch.float64), scale)
     assert torch.isfinite(adv).all()
     assert torch.allclose(adv.sum(dim=1), torch.zeros(len(rows), dtype=torch.float64), atol=1e-6)
+
+
+# ------------------------------------------------------------------- GDPO: normalise each reward, then sum
+def test_normalize_then_sum_by_hand():
+    """G = 2, accuracy (weight 1) and a format bonus (weight 0.2).
+
+    group 0: accuracy [1, 0] -> mean 0.5, unbiased std 0.5 sqrt(2) = 0.70711 -> +-0.5 / (0.70711 + 1e-4);
+             format [0.5, 0.5] constant -> 0.
+    group 1: accuracy [1, 1] -> 0; format [1, 0] -> +-0.5 / (0.70711 + 1e-4), x 0.2.
+    Summing first (GRPO) would give both groups the same +-0.707: the bonus would weigh as much as accuracy.
+    """
+    per_function = torch.tensor([[1.0, 0.5], [0.0, 0.5], [1.0, 1.0], [1.0, 0.0]])
+    unit = 0.5 / (0.5 * math.sqrt(2) + EPS)
+    summed = normalized_reward_sum(per_function, torch.tensor([1.0, 0.2]), num_generations=2)
+    torch.testing.assert_close(summed, torch.tensor([unit, -unit, 0.2 * unit, -0.2 * unit]))
+    grpo = compute_advantages((per_function * torch.tensor([1.0, 0.2])).sum(1).view(2, 2)).reshape(-1)
+    small = 0.1 / (0.1 * math.sqrt(2) + EPS)  # group 1 totals [1.2, 1.0]: +-0.1 over their std, also ~0.707
+    torch.testing.assert_close(grpo, torch.tensor([unit, -unit, small, -small]))
+
+
+def test_normalize_then_sum_skips_not_applicable_rewards():
+    # G = 3, one function; None (NaN) on the middle completion: normalised over the other two, the middle gets 0.
+    # A group of one applicable value or of all-equal values contributes exactly 0, never NaN.
+    per_function = torch.tensor([[1.0], [float("nan")], [0.0], [0.3], [float("nan")], [float("nan")],
+                                 [0.7], [0.7], [0.7]])
+    summed = normalized_reward_sum(per_function, torch.ones(1), num_generations=3)
+    unit = 0.5 / (0.5 * math.sqrt(2) + EPS)
+    torch.testing.assert_close(summed, torch.tensor([unit, 0.0, -unit, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0]))
+    with pytest.raises(ValueError, match="groups x G"):
+        normalized_reward_sum(per_function[:4], torch.ones(1), num_generations=3)
+    with pytest.raises(ValueError, match="weights for 1 reward functions"):
+        normalized_reward_sum(per_function, torch.ones(2), num_generations=3)
+
+
+def test_batch_normalize():
+    # [1, 2, 3]: mean 2, unbiased std 1; given global statistics (DDP) replace the local ones
+    torch.testing.assert_close(batch_normalize(torch.tensor([1.0, 2.0, 3.0])),
+                               torch.tensor([-1.0, 0.0, 1.0]) / (1 + EPS))
+    torch.testing.assert_close(batch_normalize(torch.tensor([1.0, 3.0]), mean=0.0, std=2.0),
+                               torch.tensor([1.0, 3.0]) / (2 + EPS))
+    assert batch_normalize(torch.tensor([5.0])).item() == 0.0  # one value: its own mean, std 0
 
 
 # ----------------------------------------------------------------------------------------------- log-probs

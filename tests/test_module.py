@@ -147,6 +147,34 @@ def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(tiny_model_dir, 
     assert 0.2 <= float(trainer.callback_metrics["train/entropy_kept_fraction"]) <= 0.4
 
 
+def length_reward(prompts, completions, **columns):
+    """A second objective on another scale: completion length in characters."""
+    return [float(len(c)) for c in completions]
+
+
+def test_normalize_then_sum_gives_batch_normalised_advantages(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import gainrl_pl.module as module_lib
+
+    advantages = []
+    real = module_lib.policy_loss
+
+    def spy(*args, **kwargs):
+        advantages.append(args[3].detach().clone())
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    module = make_module(tiny_model_dir, rewards=[digit_reward, length_reward], reward_weights=[1.0, 0.01],
+                         multi_objective_aggregation="normalize_then_sum")
+    trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
+    assert trainer.global_step == 1 and len(advantages) == 1
+    a = advantages[0]  # 4 prompts x G=4, one micro-batch
+    # Every function is centred within its group, so each group's advantages still sum to 0; GDPO's last step then
+    # scales the batch to unbiased std 1 (up to eps). GRPO's group scaling gives a batch std of at most
+    # sqrt(12/15) = 0.89 here (each group std 1 over 3 degrees of freedom of 15), so the std tells them apart.
+    assert torch.allclose(a.view(4, 4).mean(dim=1), torch.zeros(4), atol=1e-5)
+    assert float(a.std()) == pytest.approx(1.0, abs=1e-3)
+
+
 def test_beta_zero_loads_no_reference_and_full_ft_beta_copies(tiny_model_dir):
     assert make_module(tiny_model_dir, beta=0.0).ref_model is None
     module = make_module(tiny_model_dir, beta=0.1)
@@ -222,6 +250,13 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, importance_sampling_level="seq")
     with pytest.raises(ValueError, match=r"top_entropy_quantile=0.0 must be in \(0, 1\]"):
         make_module(tiny_model_dir, top_entropy_quantile=0.0)
+    with pytest.raises(ValueError, match="multi_objective_aggregation='gdpo'.*normalize_then_sum"):
+        make_module(tiny_model_dir, multi_objective_aggregation="gdpo")
+    with pytest.raises(ValueError, match="num_generations=1 gives every group zero advantage"):
+        make_module(tiny_model_dir, num_generations=1, scale_rewards="none",
+                    multi_objective_aggregation="normalize_then_sum")
+    with pytest.warns(UserWarning, match="scale_rewards='batch' does not apply"):
+        make_module(tiny_model_dir, scale_rewards="batch", multi_objective_aggregation="normalize_then_sum")
     with pytest.raises(ValueError, match="lora.target_modules"):
         make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="quantization .* needs lora"):
