@@ -91,6 +91,8 @@ class GainRLDataModule(pl.LightningDataModule):
         prompt: Prompt preset (`paper`: R1-style system prompt + one worked example; `plain`; `none`) for
             questions given as text; chat-message rows keep their own messages.
         system_prompt: Override the preset's system prompt (`null` keeps it).
+        chat_template_kwargs: Extra variables for the tokenizer's chat template, as TRL's option of that name
+            (e.g. `{enable_thinking: false}` for Qwen3); they shape the prompts trained on, validated on and scored.
         tokenizer: Tokenizer to build prompts with (linked to `model.model_name_or_path` by the CLI).
         trust_remote_code: Allow custom tokenizer code (linked to the model's setting).
         max_prompt_length: Prompts longer than this many tokens are skipped and counted.
@@ -114,6 +116,7 @@ class GainRLDataModule(pl.LightningDataModule):
         answer_field: str | None = None,
         prompt: str = "paper",
         system_prompt: str | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
         tokenizer: str = "builtin",
         trust_remote_code: bool = False,
         max_prompt_length: int = 512,
@@ -181,10 +184,12 @@ class GainRLDataModule(pl.LightningDataModule):
             messages = ex.messages if ex.messages is not None else self.template.messages(ex.question)
             try:
                 if ex.messages is not None:  # TRL's conversational format: rendered as it is
-                    seg = build_chat_prompt(self.tokenizer, ex.messages, max_length=self.hparams.max_prompt_length)
+                    seg = build_chat_prompt(self.tokenizer, ex.messages, max_length=self.hparams.max_prompt_length,
+                                            chat_template_kwargs=self.hparams.chat_template_kwargs)
                 else:
                     seg = build_prompt(self.tokenizer, ex.question, self.template,
-                                       max_length=self.hparams.max_prompt_length)
+                                       max_length=self.hparams.max_prompt_length,
+                                       chat_template_kwargs=self.hparams.chat_template_kwargs)
             except PromptTooLongError:
                 too_long += 1
                 continue

@@ -264,6 +264,27 @@ def build_policy(model_name_or_path: str | None, *, gguf_file: str | None = None
     return model
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Set every dropout of `model` to 0 (TRL's `disable_dropout`); returns how many modules changed.
+
+    Two kinds: `nn.Dropout` modules (MLP/embedding dropout, peft's `lora_dropout`) and the float
+    attributes attention layers read in their forward (`attention_dropout` of Llama/Qwen/Mistral, passed to
+    the attention kernel as `dropout_p`, which no `nn.Dropout` module carries). The config is left as it is,
+    so a saved model keeps its architecture's settings.
+    """
+    changed = 0
+    for module in model.modules():
+        touched = False
+        if isinstance(module, torch.nn.Dropout) and module.p != 0:
+            module.p, touched = 0.0, True
+        for name, value in vars(module).items():
+            if "dropout" in name and isinstance(value, float) and not isinstance(value, bool) and value != 0:
+                setattr(module, name, 0.0)
+                touched = True
+        changed += touched
+    return changed
+
+
 def _add_lora(model, lora: LoraSettings):
     from peft import LoraConfig, get_peft_model
 

@@ -29,7 +29,7 @@ from gainrl_pl.angle_signal import AngleSignalProbe
 from gainrl_pl.completion_log import CompletionLogger
 from gainrl_pl.distributed import gather_rows, sum_over_ranks
 from gainrl_pl.engines import resolve_rollout_engine, vllm_installed
-from gainrl_pl.engines.vllm import VllmSettings
+from gainrl_pl.engines.vllm import VllmSettings, sampling_params_fields
 from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
     MULTI_OBJECTIVE_AGGREGATIONS,
@@ -56,6 +56,7 @@ from gainrl_pl.models import (
     reference_context,
     resolve_model_source,
 )
+from gainrl_pl.models import disable_dropout as disable_dropout_in
 from gainrl_pl.optim import LR_SCHEDULES, build_adamw, lr_multiplier
 from gainrl_pl.precision import vanishing_update_warning
 from gainrl_pl.rewards import (
@@ -74,7 +75,13 @@ from gainrl_pl.rng_state import (
     rng_state_of_rank,
     seed_rank_streams,
 )
-from gainrl_pl.rollout import Rollout, eos_token_ids, generate_completions
+from gainrl_pl.rollout import (
+    Rollout,
+    check_generation_kwargs,
+    eos_token_ids,
+    generate_completions,
+    generation_config_fields,
+)
 from gainrl_pl.rollout_report import rollout_metrics
 from gainrl_pl.schedules.dynamic_sampling import (
     DynamicSamplingOutcome,
@@ -99,6 +106,9 @@ class GRPOModule(pl.LightningModule):
         lora: LoRA settings; `null` trains every weight (full fine-tune).
         quantization: 4-bit base weights (QLoRA, needs `lora`); `null` keeps `dtype` weights.
         gradient_checkpointing: Recompute activations in backward to save memory.
+        disable_dropout: Set every dropout of the policy and the reference to 0 (TRL's option; LoRA's
+            `lora.dropout` too): the log-probs trained on then come from the same function as those sampled
+            from, and on-policy ratios are exactly 1. Off by default, as in TRL; most LLM configs have none.
         num_generations: G, completions sampled per prompt (a group).
         max_completion_length: Maximum new tokens per completion.
         temperature: Sampling temperature (also divides the logits in the loss, as in TRL).
@@ -106,6 +116,11 @@ class GRPOModule(pl.LightningModule):
         top_k: Top-k sampling (0 = off).
         min_p: Min-p sampling (`null` = off).
         repetition_penalty: >1 penalises repeated tokens while sampling.
+        generation_kwargs: Further sampling settings for the training rollouts (TRL's option): fields of
+            transformers' `GenerationConfig`, or of vLLM's `SamplingParams` when vLLM rolls out (e.g.
+            `{no_repeat_ngram_size: 4}`, `{presence_penalty: 0.5}`). They change what is sampled, not the log-probs
+            trained on. Keys that an option here sets (temperature, top_p, max_new_tokens, ...) are refused with its
+            name; validation decoding ignores them.
         generation_batch_size: Sequences per `generate` call (bounds rollout memory); `null` = all at once.
         share_prompt_prefill: Prefill each prompt once and share its KV cache among its G completions instead of
             G times (same completions; saves (G-1) prompt forwards per prompt). Applies when
@@ -196,6 +211,7 @@ class GRPOModule(pl.LightningModule):
         lora: LoraSettings | None = None,
         quantization: QuantizationSettings | None = None,
         gradient_checkpointing: bool = False,
+        disable_dropout: bool = False,
         num_generations: int = 8,
         max_completion_length: int = 256,
         temperature: float = 1.0,
@@ -203,6 +219,7 @@ class GRPOModule(pl.LightningModule):
         top_k: int = 0,
         min_p: float | None = None,
         repetition_penalty: float = 1.0,
+        generation_kwargs: dict[str, Any] | None = None,
         generation_batch_size: int | None = None,
         share_prompt_prefill: bool = True,
         rollout_engine: str = "auto",
@@ -298,10 +315,14 @@ class GRPOModule(pl.LightningModule):
         self.policy = build_policy(model_name_or_path, gguf_file=gguf_file, dtype=dtype, lora=lora,
                                    quantization=quantization, gradient_checkpointing=gradient_checkpointing,
                                    trust_remote_code=trust_remote_code)
+        if disable_dropout:
+            disable_dropout_in(self.policy)  # before the reference copy, which inherits it
         # ---- rollout engine (issue 17): which one, and the weights version it last received
         self.engine_name = resolve_rollout_engine(rollout_engine, num_parameters=sum(
             p.numel() for p in self.policy.parameters()), vllm_available=vllm_installed(), gguf_file=gguf_file)
         self.vllm_settings = vllm
+        check_generation_kwargs(generation_kwargs, sampling_params_fields() if self.engine_name == "vllm"
+                                else generation_config_fields(), self.engine_name)
         self._engine = None
         self._weights_version = 0  # optimizer steps that changed the policy
         self._engine_weights_version: int | None = None  # the version the engine holds; None = unknown
@@ -630,7 +651,8 @@ class GRPOModule(pl.LightningModule):
                 max_new_tokens=max_new_tokens, pad_token_id=self.tokenizer.pad_token_id, eos_ids=self.eos_ids,
                 do_sample=do_sample, temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
                 repetition_penalty=hp.repetition_penalty, generation_batch_size=hp.generation_batch_size,
-                share_prompt_prefill=hp.share_prompt_prefill)
+                share_prompt_prefill=hp.share_prompt_prefill,
+                generation_kwargs=hp.generation_kwargs if self.training else None)
         except torch.OutOfMemoryError as err:
             raise torch.OutOfMemoryError(
                 f"out of memory while generating {batch['input_ids'].shape[0]} prompts x {num_generations} "
@@ -665,7 +687,8 @@ class GRPOModule(pl.LightningModule):
                                   max_new_tokens=max_new_tokens, eos_ids=self.eos_ids,
                                   pad_token_id=self.tokenizer.pad_token_id, do_sample=do_sample,
                                   temperature=temperature, top_p=hp.top_p, top_k=hp.top_k, min_p=hp.min_p,
-                                  repetition_penalty=hp.repetition_penalty, seed=seed)
+                                  repetition_penalty=hp.repetition_penalty, seed=seed,
+                                  generation_kwargs=hp.generation_kwargs if self.training else None)
         if self.training:
             engine.sleep()  # CUDA with sleep mode: training gets the engine's memory back
         return rollout

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import inspect
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -85,18 +87,70 @@ def shared_prompt_cache(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tens
     return name, cache
 
 
+# Sampling settings with an option of their own: the loss reads them too (temperature scales the trained logits)
+# or the rollout's shape depends on them, so `generation_kwargs` may not change them behind the option's back.
+OWN_GENERATION_KEYS = {
+    "temperature": "model.temperature", "top_p": "model.top_p", "top_k": "model.top_k", "min_p": "model.min_p",
+    "repetition_penalty": "model.repetition_penalty", "max_new_tokens": "model.max_completion_length",
+    "max_tokens": "model.max_completion_length", "max_length": "model.max_completion_length",
+    "num_return_sequences": "model.num_generations", "n": "model.num_generations",
+    "do_sample": "model.temperature (training samples, validation follows model.val_temperature)",
+    "seed": "seed_everything", "pad_token_id": "the tokenizer", "eos_token_id": "the tokenizer",
+    "stop_token_ids": "the tokenizer", "use_cache": "the rollout (always on)",
+    "logprobs": "the rollout (it records the engine's log-probs itself)", "num_beams": "nothing: GRPO samples",
+    "return_dict_in_generate": "the rollout", "output_scores": "the rollout", "output_logits": "the rollout",
+    "detokenize": "the rollout",
+}
+
+
+def check_generation_kwargs(generation_kwargs: dict[str, Any] | None, allowed: Iterable[str], engine: str) -> None:
+    """Refuse `generation_kwargs` keys the engine does not know, or that an option of ours owns.
+
+    Args:
+        generation_kwargs: TRL's `generation_kwargs`: extra fields of transformers' `GenerationConfig` or of
+            vLLM's `SamplingParams` (whichever engine rolls out).
+        allowed: The engine's field names.
+        engine: Its name, for the message.
+
+    Raises:
+        ValueError: naming the key and what to set instead.
+    """
+    if generation_kwargs is None:
+        return
+    if not isinstance(generation_kwargs, dict):
+        raise ValueError(f"generation_kwargs must be a mapping of {engine} sampling fields, got "
+                         f"{type(generation_kwargs).__name__}")
+    allowed = set(allowed)
+    for key in generation_kwargs:
+        if key in OWN_GENERATION_KEYS:
+            raise ValueError(f"generation_kwargs sets {key!r}, which is set by {OWN_GENERATION_KEYS[key]}: "
+                             "remove it from generation_kwargs and set that instead")
+        if key not in allowed:
+            raise ValueError(f"generation_kwargs key {key!r} is not a field of the {engine} engine's sampling "
+                             f"settings; its fields: {', '.join(sorted(k for k in allowed if not k.startswith('_')))}")
+
+
+def generation_config_fields() -> set[str]:
+    """The fields of transformers' `GenerationConfig` (what `generate` accepts as sampling settings)."""
+    from transformers import GenerationConfig
+
+    return set(GenerationConfig().to_dict())
+
+
 @torch.no_grad()
 def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
                          max_new_tokens: int, pad_token_id: int, eos_ids: list[int], do_sample: bool = True,
                          temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None,
                          min_p: float | None = None, repetition_penalty: float = 1.0,
-                         generation_batch_size: int | None = None, share_prompt_prefill: bool = True) -> Rollout:
+                         generation_batch_size: int | None = None, share_prompt_prefill: bool = True,
+                         generation_kwargs: dict[str, Any] | None = None) -> Rollout:
     """Sample `num_generations` completions per prompt, `generation_batch_size` sequences per `generate` call.
 
     The model is switched to eval mode (no dropout while sampling) and back; `use_cache=True` is passed
     explicitly because training configs turn the KV cache off. With `share_prompt_prefill` each prompt is
     prefilled once for its G completions (`shared_prompt_cache`) whenever a chunk holds whole groups
     (`generation_batch_size` a multiple of G); the completions are the same as without it.
+    `generation_kwargs` are further `GenerationConfig` fields (see `check_generation_kwargs`).
     """
     was_training = model.training
     model.eval()
@@ -111,6 +165,7 @@ def generate_completions(model, prompt_ids: torch.Tensor, prompt_mask: torch.Ten
             kwargs["min_p"] = min_p
     else:  # greedy: keep the model's sampling defaults from leaking in with a warning
         kwargs.update(temperature=None, top_p=None, top_k=None)
+    kwargs.update(generation_kwargs or {})
     start = time.perf_counter()
     pieces = []
     try:

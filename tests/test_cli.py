@@ -44,6 +44,8 @@ def test_help_shows_docstrings():
     assert "completions sampled per prompt" in text  # GRPOModule.num_generations
     assert "--model.importance_sampling_level" in text and "GSPO" in text
     assert "--model.multi_objective_aggregation" in text and "GDPO" in text
+    assert "--data.chat_template_kwargs" in text and "enable_thinking" in text
+    assert "--model.generation_kwargs" in text and "--model.disable_dropout" in text
     assert "accuracy_source" in text and "--data.schedule.help" in text and "--model.lora.help" in text
     for group, expected in (("--data.schedule.help", "Prompts per sampling round"),
                             ("--model.lora.help", "Rank of the LoRA update matrices")):
@@ -79,12 +81,14 @@ def test_cli_fit_two_steps_writes_checkpoint_and_adapterless_hf_model(tiny_model
     # checkpoints every 5 steps, 2 steps run: the final weights are still saved when training ends
     # (GSPO's sequence-level ratio set from the command line, kept in the checkpoint's hyperparameters)
     cli = run_lightning_cli(cli_args(tiny_model_dir, toy_jsonl, tmp_path, extra=[
-        "--checkpoint.every_n_train_steps", "5", "--model.importance_sampling_level", "sequence"]))
+        "--checkpoint.every_n_train_steps", "5", "--model.importance_sampling_level", "sequence",
+        "--data.chat_template_kwargs", '{"enable_thinking": false}']))
     assert cli.trainer.global_step == 2
     import torch
 
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert saved["global_step"] == 2 and saved["hyper_parameters"]["importance_sampling_level"] == "sequence"
+    assert saved["datamodule_hyper_parameters"]["chat_template_kwargs"] == {"enable_thinking": False}
     hf_dirs = list((tmp_path / "ckpt").glob("*.hf"))
     assert hf_dirs and all((d / "config.json").exists() for d in hf_dirs)  # full fine-tune: whole model saved
 

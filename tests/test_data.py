@@ -382,3 +382,28 @@ def test_a_dataset_mixing_text_and_chat_prompts_is_refused(tiny_model_dir, tmp_p
                           prompts_per_step=2, schedule=ScheduleSettings(name="uniform", subset_size=2))
     with pytest.raises(DataError, match="row 0 holds chat messages but row 1 a text question"):
         dm.setup("fit")
+
+
+def test_datamodule_chat_template_kwargs_shape_train_and_val_prompts(tiny_model_dir, tmp_path):
+    from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
+
+    from gainrl_pl.models import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_model_dir))
+    tok.chat_template = ("{% if enable_thinking is defined and not enable_thinking %}<|im_start|>system\n/no_think"
+                         "<|im_end|>\n{% endif %}" + tok.chat_template)
+    tok.save_pretrained(tmp_path / "tok")
+    text = tmp_path / "text.jsonl"
+    text.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    chat = tmp_path / "chat.jsonl"
+    chat.write_text("".join(json.dumps(r) + "\n" for r in CHAT_ROWS))
+    for path, preset in ((text, "generic"), (chat, "trl")):
+        settings = dict(train_data=str(path), val_data=str(path), preset=preset, prompt="none",
+                        tokenizer=str(tmp_path / "tok"), prompts_per_step=2,
+                        schedule=ScheduleSettings(name="uniform", subset_size=2))
+        dm = GainRLDataModule(**settings, chat_template_kwargs={"enable_thinking": False})
+        dm.setup("fit")
+        assert all(item["prompt"].startswith("<|im_start|>system\n/no_think") for item in dm.train_set + dm.val_set)
+        dm = GainRLDataModule(**settings)
+        dm.setup("fit")
+        assert not any("/no_think" in item["prompt"] for item in dm.train_set + dm.val_set)

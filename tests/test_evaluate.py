@@ -328,3 +328,26 @@ def test_cli_answer_extraction_flag(talky_model_dir, tmp_path):
     assert "| flexible |" in (tmp_path / "out" / "summary.md").read_text()
     with pytest.raises(SystemExit):
         evaluate_module.main(["--data", str(data), "--output", str(tmp_path / "x"), "--answer-extraction", "lenient"])
+
+
+def test_chat_template_kwargs_reach_the_prompts_and_are_recorded(engine, tmp_path, monkeypatch, capsys):
+    no_think = ("{% if enable_thinking is defined and not enable_thinking %}<|im_start|>system\n/no_think<|im_end|>\n"
+                "{% endif %}")
+    monkeypatch.setattr(engine.tokenizer, "chat_template", no_think + engine.tokenizer.chat_template)
+    seen, real = [], engine.generate
+
+    def spy(input_ids, **kwargs):
+        seen.extend(engine.tokenizer.decode(ids) for ids in input_ids)
+        return real(input_ids, **kwargs)
+
+    monkeypatch.setattr(engine, "generate", spy)
+    data = write_jsonl(tmp_path / "toy.jsonl", toy_rows(2))
+    run(engine, data, tmp_path / "out", chat_template_kwargs={"enable_thinking": False})
+    assert len(seen) == 2 and all(text.startswith("<|im_start|>system\n/no_think") for text in seen)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["chat_template_kwargs"] == {"enable_thinking": False}
+    with pytest.raises(ValueError, match="chat_template_kwargs: \\{'enable_thinking': False\\} there, None now"):
+        run(engine, data, tmp_path / "out")  # samples of another rendering are not mixed in
+    with pytest.raises(SystemExit):
+        evaluate_module.main(["--data", str(data), "--output", str(tmp_path / "x"), "--chat-template-kwargs", "[1]"])
+    assert "must be a JSON object" in capsys.readouterr().err

@@ -53,3 +53,49 @@ def test_checkpoint_weight_keys_and_the_strict_check():
     with pytest.raises(RuntimeError, match=r"7 missing \(policy.l0.lora_A, .* and 2 more\); 1 unexpected "
                                            r"\(policy.x\) weight key\(s\)"):
         check_checkpoint_weight_keys({"policy.x"}, expected)
+
+
+@pytest.fixture(scope="module")
+def dropout_model_dir(tmp_path_factory):
+    """The tiny Llama with attention dropout 0.5: a float the attention forward reads, no nn.Dropout module."""
+    from transformers import LlamaForCausalLM
+
+    from gainrl_pl.testing import build_tiny_tokenizer, tiny_llama_config
+
+    tokenizer = build_tiny_tokenizer()
+    eos = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = tiny_llama_config(len(tokenizer), eos_token_id=eos, pad_token_id=eos)
+    config.attention_dropout = 0.5
+    path = tmp_path_factory.mktemp("dropout-llama")
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def _two_train_forwards_differ(model) -> bool:
+    model.train()
+    ids = torch.arange(3, 19).view(2, 8)
+    with torch.no_grad():
+        return not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+def test_disable_dropout_zeroes_attention_and_lora_dropout(dropout_model_dir):
+    from gainrl_pl.models import LoraSettings, build_policy, disable_dropout
+
+    model = load_model(str(dropout_model_dir))
+    assert _two_train_forwards_differ(model)  # the dropout is live, so the test below can fail
+    assert disable_dropout(model) == 2  # the two attention layers
+    assert not _two_train_forwards_differ(model) and model.config.attention_dropout == 0.5  # config untouched
+    lora = build_policy(str(dropout_model_dir), lora=LoraSettings(r=4, dropout=0.3))
+    assert disable_dropout(lora) == 2 + 2 * 7  # attention layers + one lora_dropout per adapted linear
+    assert all(m.p == 0 for m in lora.modules() if isinstance(m, torch.nn.Dropout))
+    assert not _two_train_forwards_differ(lora) and disable_dropout(lora) == 0
+
+
+def test_module_disable_dropout_reaches_policy_and_reference(dropout_model_dir):
+    from gainrl_pl.module import GRPOModule
+
+    module = GRPOModule(model_name_or_path=str(dropout_model_dir), beta=0.1, disable_dropout=True)
+    assert not _two_train_forwards_differ(module.policy) and not _two_train_forwards_differ(module.ref_model)
+    assert _two_train_forwards_differ(GRPOModule(model_name_or_path=str(dropout_model_dir)).policy)

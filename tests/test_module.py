@@ -49,11 +49,11 @@ def make_module(tiny_model_dir, **kw):
 
 def fit(module, dm, tmp_path, max_steps=2, callbacks=None, **trainer_kw):
     pl.seed_everything(0)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
-                         use_distributed_sampler=False, limit_val_batches=0, default_root_dir=tmp_path,
-                         callbacks=callbacks if callbacks is not None else [GainRLScheduler(use_cache=False)],
-                         **trainer_kw)
+    trainer = pl.Trainer(**{**dict(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
+                                   enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
+                                   use_distributed_sampler=False, limit_val_batches=0, default_root_dir=tmp_path,
+                                   callbacks=callbacks if callbacks is not None
+                                   else [GainRLScheduler(use_cache=False)]), **trainer_kw})
     trainer.fit(module, datamodule=dm)
     return trainer
 
@@ -175,6 +175,25 @@ def test_normalize_then_sum_gives_batch_normalised_advantages(tiny_model_dir, to
     assert float(a.std()) == pytest.approx(1.0, abs=1e-3)
 
 
+def test_generation_kwargs_reach_the_training_rollouts_only(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import gainrl_pl.module as module_lib
+
+    calls = []
+    real = module_lib.generate_completions
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["do_sample"], kwargs["generation_kwargs"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module_lib, "generate_completions", spy)
+    module = make_module(tiny_model_dir, generation_kwargs={"no_repeat_ngram_size": 2})
+    fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1, limit_val_batches=1,
+        val_check_interval=1)
+    training = [g for sampled, g in calls if sampled]
+    validation = [g for sampled, g in calls if not sampled]  # greedy, as model.val_temperature says
+    assert training == [{"no_repeat_ngram_size": 2}] and validation and all(g is None for g in validation)
+
+
 def test_beta_zero_loads_no_reference_and_full_ft_beta_copies(tiny_model_dir):
     assert make_module(tiny_model_dir, beta=0.0).ref_model is None
     module = make_module(tiny_model_dir, beta=0.1)
@@ -252,6 +271,8 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, top_entropy_quantile=0.0)
     with pytest.raises(ValueError, match="multi_objective_aggregation='gdpo'.*normalize_then_sum"):
         make_module(tiny_model_dir, multi_objective_aggregation="gdpo")
+    with pytest.raises(ValueError, match="generation_kwargs sets 'top_p', which is set by model.top_p"):
+        make_module(tiny_model_dir, generation_kwargs={"top_p": 0.9})
     with pytest.raises(ValueError, match="num_generations=1 gives every group zero advantage"):
         make_module(tiny_model_dir, num_generations=1, scale_rewards="none",
                     multi_objective_aggregation="normalize_then_sum")

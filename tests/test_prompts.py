@@ -180,3 +180,19 @@ def test_smollm2_segments():
     seg = build_prompt(tok, QUESTION, get_prompt_template("paper"))
     prefix, question, suffix = _parts(tok, seg)
     assert "SmolLM" not in prefix and "step by step" in prefix and question.strip() == QUESTION
+
+
+# Qwen3-style: a variable of the template switches the reasoning mode
+NO_THINK = ("{% if enable_thinking is defined and not enable_thinking %}<|im_start|>system\n/no_think<|im_end|>\n"
+            "{% endif %}")
+
+
+def test_chat_template_kwargs_reach_the_template(tiny_tokenizer):
+    tok = _with_template(tiny_tokenizer, NO_THINK + tiny_tokenizer.chat_template)
+    template = get_prompt_template("none")
+    default = build_prompt(tok, QUESTION, template)
+    off = build_prompt(tok, QUESTION, template, chat_template_kwargs={"enable_thinking": False})
+    assert "/no_think" not in default.text and off.text.startswith("<|im_start|>system\n/no_think")
+    prefix, question, _ = _parts(tok, off)
+    assert "/no_think" in prefix and question == QUESTION  # the segments follow the rendered text
+    assert build_chat_prompt(tok, template.messages(QUESTION), chat_template_kwargs={"enable_thinking": False}) == off

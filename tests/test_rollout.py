@@ -109,3 +109,30 @@ def test_shared_prefill_survives_a_wrapped_forward(tiny_model, tiny_tokenizer):
     inner = tiny_model.forward
     tiny_model.forward = lambda *args, **kwargs: inner(*args, **kwargs)
     assert shared_prompt_cache(tiny_model, ids, mask, 2) is not None
+
+
+def test_generation_kwargs_reach_generate(tiny_model, tiny_tokenizer):
+    ids, mask = _prompts(tiny_tokenizer)
+    eos = set(eos_token_ids(tiny_model, tiny_tokenizer))
+    free = _rollout(tiny_model, tiny_tokenizer, ids, mask, share=True)
+    seen = {int(t) for t in free.completion_ids[free.completion_mask.bool()]} - eos
+    assert len(seen) > 5
+    banned = _rollout(tiny_model, tiny_tokenizer, ids, mask, share=True,
+                      generation_kwargs={"suppress_tokens": sorted(seen)})
+    produced = {int(t) for t in banned.completion_ids[banned.completion_mask.bool()]}
+    assert produced and not produced & seen
+
+
+def test_generation_kwargs_that_an_option_owns_or_no_engine_knows_are_named():
+    from gainrl_pl.rollout import check_generation_kwargs, generation_config_fields
+
+    fields = generation_config_fields()
+    check_generation_kwargs({"no_repeat_ngram_size": 3, "suppress_tokens": [5]}, fields, "transformers")
+    with pytest.raises(ValueError, match="sets 'temperature', which is set by model.temperature"):
+        check_generation_kwargs({"temperature": 0.5}, fields, "transformers")
+    with pytest.raises(ValueError, match="'max_new_tokens', which is set by model.max_completion_length"):
+        check_generation_kwargs({"max_new_tokens": 5}, fields, "transformers")
+    with pytest.raises(ValueError, match="'presence_penalty' is not a field of the transformers engine.*typical_p"):
+        check_generation_kwargs({"presence_penalty": 0.5}, fields, "transformers")
+    with pytest.raises(ValueError, match="must be a mapping"):
+        check_generation_kwargs([("typical_p", 0.9)], fields, "transformers")

@@ -312,6 +312,17 @@ def test_engine_sampling_options_and_stop_tokens(vllm_model_dir):
     assert torch.equal(greedy.completion_ids, engine.generate(prompts, mask, do_sample=False, seed=None,
                                                               **{**kw, "num_generations": 1}).completion_ids)
     assert math.isfinite(float(greedy.sampling_logprobs.sum()))
+    # generation_kwargs: further SamplingParams fields reach the engine
+    allowed = [*module.eos_ids, 50, 51, 52]
+    narrow = engine.generate(prompts, mask, seed=5, generation_kwargs={"allowed_token_ids": allowed}, **kw)
+    assert {int(t) for t in narrow.completion_ids[narrow.completion_mask.bool()]} <= set(allowed)
+    assert not {int(t) for t in a.completion_ids[a.completion_mask.bool()]} <= set(allowed)
+
+
+def test_generation_kwargs_are_checked_against_the_vllm_engine(vllm_model_dir):
+    make_module(vllm_model_dir, generation_kwargs={"presence_penalty": 0.5})
+    with pytest.raises(ValueError, match="'no_repeat_ngram_size' is not a field of the vllm engine"):
+        make_module(vllm_model_dir, generation_kwargs={"no_repeat_ngram_size": 2})
 
 
 def test_logs_next_to_the_engine_ask_no_sync_dist(vllm_model_dir, toy_data, tmp_path):

@@ -124,8 +124,9 @@ def _template_name(tokenizer) -> str:
     return f"the chat template of tokenizer {getattr(tokenizer, 'name_or_path', '') or type(tokenizer).__name__!r}"
 
 
-def _render(tokenizer, messages: list[dict[str, str]]) -> str:
-    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+def _render(tokenizer, messages: list[dict[str, str]], chat_template_kwargs: dict[str, Any] | None = None) -> str:
+    text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True,
+                                         **(chat_template_kwargs or {}))
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template(tokenize=False) returned {type(text).__name__}, expected str")
     return text
@@ -134,7 +135,8 @@ def _render(tokenizer, messages: list[dict[str, str]]) -> str:
 _MARKER = "\u2063GAINRL_QUESTION\u2063"
 
 
-def _question_char_span(tokenizer, text: str, question: str, marker_messages: list[dict]) -> tuple[int, int]:
+def _question_char_span(tokenizer, text: str, question: str, marker_messages: list[dict],
+                        chat_template_kwargs: dict[str, Any] | None = None) -> tuple[int, int]:
     """Where the question's characters are in the rendered prompt.
 
     `marker_messages` are the prompt's messages with a placeholder in the question's place. Rendering them
@@ -142,7 +144,7 @@ def _question_char_span(tokenizer, text: str, question: str, marker_messages: li
     system prompt or a few-shot turn is never mistaken for the question. Templates that trim message content
     are fine because the question is stripped before rendering.
     """
-    rendered = _render(tokenizer, marker_messages)
+    rendered = _render(tokenizer, marker_messages, chat_template_kwargs)
     cut = rendered.find(_MARKER)
     start = 0
     if cut >= 0 and text.startswith(rendered[:cut]):
@@ -179,21 +181,23 @@ def _check_question(question: Any) -> str:
     return question.strip()
 
 
-def build_prompt(tokenizer, question: str, template: PromptTemplate, *,
-                 max_length: int | None = None) -> PromptSegments:
+def build_prompt(tokenizer, question: str, template: PromptTemplate, *, max_length: int | None = None,
+                 chat_template_kwargs: dict[str, Any] | None = None) -> PromptSegments:
     """Render `question` with `template` and the tokenizer's chat template, and find its segments.
 
     The question is stripped of surrounding whitespace first. Tokens are those of the rendered text
     with `add_special_tokens=False` (the template carries its own special tokens). `question` is the
     token range overlapping the question's characters (offset mapping; needs a fast tokenizer),
-    `prefix` everything before it, `suffix` everything after.
+    `prefix` everything before it, `suffix` everything after. `chat_template_kwargs` are extra variables for
+    the chat template (e.g. `{"enable_thinking": false}` for Qwen3), as TRL's option of that name.
 
     Raises:
         ValueError: empty or whitespace-only question, or a template that hides the question's text.
         PromptTooLongError: the prompt has more than `max_length` tokens.
     """
     question = _check_question(question)
-    return _segments(tokenizer, template.messages(question), question, template.messages(_MARKER), max_length)
+    return _segments(tokenizer, template.messages(question), question, template.messages(_MARKER), max_length,
+                     chat_template_kwargs)
 
 
 def question_turn(messages: Any) -> int:
@@ -215,7 +219,8 @@ def question_turn(messages: Any) -> int:
     return len(messages) - 1
 
 
-def build_chat_prompt(tokenizer, messages: list[dict[str, Any]], *, max_length: int | None = None) -> PromptSegments:
+def build_chat_prompt(tokenizer, messages: list[dict[str, Any]], *, max_length: int | None = None,
+                      chat_template_kwargs: dict[str, Any] | None = None) -> PromptSegments:
     """Render a conversation (TRL's conversational `prompt`) as it is, and find its segments.
 
     The question is the content of the last message, a user turn (surrounding whitespace aside): its
@@ -231,13 +236,13 @@ def build_chat_prompt(tokenizer, messages: list[dict[str, Any]], *, max_length: 
     content = messages[last]["content"]
     question = _check_question(content)
     marker_messages = [*messages[:last], {**messages[last], "content": content.replace(question, _MARKER, 1)}]
-    return _segments(tokenizer, messages, question, marker_messages, max_length)
+    return _segments(tokenizer, messages, question, marker_messages, max_length, chat_template_kwargs)
 
 
 def _segments(tokenizer, messages: list[dict], question: str, marker_messages: list[dict],
-              max_length: int | None) -> PromptSegments:
-    text = _render(tokenizer, messages)
-    q0, q1 = _question_char_span(tokenizer, text, question, marker_messages)
+              max_length: int | None, chat_template_kwargs: dict[str, Any] | None = None) -> PromptSegments:
+    text = _render(tokenizer, messages, chat_template_kwargs)
+    q0, q1 = _question_char_span(tokenizer, text, question, marker_messages, chat_template_kwargs)
     try:
         enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     except NotImplementedError as err:  # slow (Python) tokenizers have no offset mapping

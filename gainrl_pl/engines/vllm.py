@@ -13,10 +13,12 @@ test) reuses the engine; it is always given the current weights before its first
 
 from __future__ import annotations
 
+import inspect
 import os
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass
+from typing import Any
 
 import torch
 
@@ -213,7 +215,8 @@ class VllmEngine:
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, *, num_generations: int,
                  max_new_tokens: int, eos_ids: list[int], pad_token_id: int, do_sample: bool = True,
                  temperature: float = 1.0, top_p: float = 1.0, top_k: int | None = None, min_p: float | None = None,
-                 repetition_penalty: float = 1.0, seed: int | None = None) -> Rollout:
+                 repetition_penalty: float = 1.0, seed: int | None = None,
+                 generation_kwargs: dict[str, Any] | None = None) -> Rollout:
         """`num_generations` completions per prompt, laid out as `generate_completions` lays them out.
 
         The returned rollout also holds the engine's log-prob of every sampled token (`sampling_logprobs`).
@@ -234,6 +237,7 @@ class VllmEngine:
             common.update(temperature=temperature, top_p=top_p, top_k=top_k or 0, min_p=min_p or 0.0)
         else:
             common.update(temperature=0.0)
+        common.update(generation_kwargs or {})  # further SamplingParams fields (checked at module start)
         params = [SamplingParams(**common, seed=None if seed is None else seed + i) for i in range(len(prompts))]
         start = time.perf_counter()
         outputs = self.llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
@@ -265,6 +269,14 @@ class VllmEngine:
         tail = out.prompt_logprobs[len(prompt):]
         tokens = list(completion)
         return torch.tensor([entry[token].logprob for entry, token in zip(tail, tokens, strict=True)])
+
+
+def sampling_params_fields() -> set[str]:
+    """The public fields of vLLM's `SamplingParams` (what `generation_kwargs` may set on this engine)."""
+    from vllm import SamplingParams
+
+    fields = getattr(SamplingParams, "__struct_fields__", None) or inspect.signature(SamplingParams).parameters
+    return {name for name in fields if not name.startswith("_")}
 
 
 _ENGINES: dict[tuple, VllmEngine] = {}

@@ -91,7 +91,8 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
              max_new_tokens: int = 512, batch_size: int = 16, dtype: str = "auto", backend: Any = "transformers",
              seed: int = 0, shard_rank: int | None = None, num_shards: int | None = None,
              merge_only: bool = False, overwrite: bool = False, progress: bool = True,
-             answer_extraction: str = DEFAULT_ANSWER_EXTRACTION) -> dict[str, Any]:
+             answer_extraction: str = DEFAULT_ANSWER_EXTRACTION,
+             chat_template_kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
     """Evaluate a model on one benchmark; write samples, `summary.json` and `summary.md` to `output_dir`.
 
     Args:
@@ -120,6 +121,8 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
         progress: Show a progress bar with the running accuracy.
         answer_extraction: How answers are read: `boxed` (the last `\\boxed{}` only, the paper's rule) or
             `flexible` (the last `\\boxed{}`, else the last number); recorded in the summary.
+        chat_template_kwargs: Extra chat-template variables (e.g. `{"enable_thinking": False}`), as in training's
+            `data.chat_template_kwargs`.
 
     Returns:
         The summary (see `eval_results.summarize`); for a shard that does not merge, its own shard's.
@@ -144,7 +147,8 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
     settings = {"model": spec.label, "benchmark": name, "data": source, "prompt": prompt,
                 "num_samples": num_samples, "temperature": temperature, "top_p": top_p if sampling else None,
                 "seed": seed if sampling else None, "max_new_tokens": max_new_tokens, "backend": backend_name,
-                "dtype": dtype_used, "answer_extraction": answer_extraction}
+                "dtype": dtype_used, "answer_extraction": answer_extraction,
+                "chat_template_kwargs": chat_template_kwargs or None}
     overwrite = overwrite and not merge_only
     if overwrite:
         remove_results(out, rank, world)  # each shard its own file; shard 0 also what the shards share
@@ -156,7 +160,7 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
         _run_shard(examples, spec, backend, out, rank=rank, world=world, name=name, prompt=prompt,
                    num_samples=num_samples, temperature=temperature, top_p=top_p, max_new_tokens=max_new_tokens,
                    batch_size=batch_size, dtype=dtype, seed=seed, progress=progress, overwrite=overwrite,
-                   answer_extraction=answer_extraction)
+                   answer_extraction=answer_extraction, chat_template_kwargs=chat_template_kwargs)
     _barrier(shared)
     header = {"model": spec.label, "benchmark": name, "data": source, "prompt": prompt,
               "decoding": "greedy" if not sampling else f"temperature={temperature}, top_p={top_p}",
@@ -174,7 +178,8 @@ def evaluate(model: str | None = None, *, adapter: str | None = None, checkpoint
 
 def _run_shard(examples, spec: ModelSpec, backend, out: Path, *, rank: int, world: int, name: str, prompt: str,
                num_samples: int, temperature: float, top_p: float, max_new_tokens: int, batch_size: int,
-               dtype: str, seed: int, progress: bool, overwrite: bool, answer_extraction: str) -> None:
+               dtype: str, seed: int, progress: bool, overwrite: bool, answer_extraction: str,
+               chat_template_kwargs: dict[str, Any] | None = None) -> None:
     """Generate and score this shard's examples that have no record yet, appending to its samples file."""
     from tqdm.auto import tqdm
 
@@ -195,8 +200,10 @@ def _run_shard(examples, spec: ModelSpec, backend, out: Path, *, rank: int, worl
     engine = load_backend(spec, backend, dtype=dtype, seed=seed + rank) if owned else backend
     try:
         template = get_prompt_template(prompt)
-        prompts = [build_chat_prompt(engine.tokenizer, ex.messages) if ex.messages is not None
-                   else build_prompt(engine.tokenizer, ex.question, template) for ex in pending]
+        prompts = [build_chat_prompt(engine.tokenizer, ex.messages, chat_template_kwargs=chat_template_kwargs)
+                   if ex.messages is not None
+                   else build_prompt(engine.tokenizer, ex.question, template, chat_template_kwargs=chat_template_kwargs)
+                   for ex in pending]
         # longest first: similar lengths share a batch (little padding), and an out-of-memory error shows at once
         order = sorted(range(len(pending)), key=lambda i: -prompts[i].num_tokens)
         per_call = max(1, batch_size // num_samples)
@@ -243,6 +250,16 @@ def write_combined_summary(output_dir: str | Path) -> str:
     return table
 
 
+def _json_object(text: str) -> dict[str, Any]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise argparse.ArgumentTypeError(f"not JSON ({err}): {text!r}") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"must be a JSON object such as '{{\"enable_thinking\": false}}', got {text!r}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The `gainrl-pl evaluate` argument parser."""
     from gainrl_pl.data.prompts import PROMPT_PRESETS
@@ -264,6 +281,8 @@ def build_parser() -> argparse.ArgumentParser:
     ds.add_argument("--limit", type=int, default=None, help="evaluate the first N examples only")
     gen = p.add_argument_group("generation")
     gen.add_argument("--prompt", default="paper", choices=list(PROMPT_PRESETS), help="prompt preset")
+    gen.add_argument("--chat-template-kwargs", type=_json_object, default=None, metavar="JSON",
+                     help='extra chat-template variables as a JSON object, e.g. \'{"enable_thinking": false}\'')
     gen.add_argument("--answer-extraction", default=DEFAULT_ANSWER_EXTRACTION, choices=list(ANSWER_EXTRACTIONS),
                      help="how answers are read: boxed = the last \\boxed{} only (the paper's rule, default); "
                      "flexible = the last \\boxed{}, else the last number (training's model.answer_extraction)")
@@ -304,7 +323,8 @@ def main(argv: list[str] | None = None) -> None:
                 num_samples=args.num_samples, temperature=args.temperature, top_p=args.top_p,
                 max_new_tokens=args.max_new_tokens, batch_size=args.batch_size, dtype=args.dtype, backend=engine,
                 seed=args.seed, shard_rank=args.shard_rank, num_shards=args.num_shards, merge_only=args.merge,
-                overwrite=args.overwrite, progress=not args.no_progress, answer_extraction=args.answer_extraction)
+                overwrite=args.overwrite, progress=not args.no_progress, answer_extraction=args.answer_extraction,
+                chat_template_kwargs=args.chat_template_kwargs)
             if "shard" not in summary and summary.get("missing"):
                 print(f"warning: {summary['missing']} prompts of {stem} have no samples yet (a shard has not run?)")
     finally:
