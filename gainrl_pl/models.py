@@ -308,12 +308,37 @@ def reference_context(model: torch.nn.Module):
 
 
 # ------------------------------------------------------------------ which weights a checkpoint holds
-def checkpoint_weight_keys(keys, trainable: set[str], *, lora: bool) -> set[str]:
+@torch.no_grad()
+def mix_reference_weights(reference: torch.nn.Module, policy: torch.nn.Module, alpha: float) -> None:
+    """TR-DPO's reference update (TRL's `sync_ref_model`), in place: ref <- alpha * policy + (1 - alpha) * ref.
+
+    Parameters and floating-point buffers are matched by name; ValueError if alpha is outside [0, 1] or the two
+    models differ in names or shapes (the reference must be a copy of the policy).
+    """
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"ref_model_mixup_alpha={alpha} must be in [0, 1] (1 copies the policy)")
+    ref_state = dict(reference.named_parameters())
+    ref_state.update((n, b) for n, b in reference.named_buffers() if b.is_floating_point())
+    pol_state = dict(policy.named_parameters())
+    pol_state.update((n, b) for n, b in policy.named_buffers() if b.is_floating_point())
+    if ref_state.keys() != pol_state.keys():
+        diff = sorted(ref_state.keys() ^ pol_state.keys())
+        raise ValueError(f"the reference and the policy differ in {len(diff)} weight name(s) (e.g. {diff[:3]}): "
+                         "the reference must be a copy of the policy")
+    for name, ref in ref_state.items():
+        pol = pol_state[name]
+        if ref.shape != pol.shape:
+            raise ValueError(f"{name}: reference shape {tuple(ref.shape)} != policy shape {tuple(pol.shape)}")
+        ref.lerp_(pol.to(device=ref.device, dtype=ref.dtype), alpha)
+
+
+def checkpoint_weight_keys(keys, trainable: set[str], *, lora: bool, reference: bool = False) -> set[str]:
     """Which of these state_dict keys a checkpoint holds: the `trainable` adapters with LoRA (frozen base weights
-    are rebuilt from the source model), everything but the reference copy (`ref_model.`) without."""
+    are rebuilt from the source model), everything but the reference copy (`ref_model.`) without. A reference
+    that training moves (`reference=True`, `sync_ref_model`) cannot be rebuilt, so it is kept too."""
     if lora:
         return {k for k in keys if k in trainable}
-    return {k for k in keys if not k.startswith("ref_model.")}
+    return {k for k in keys if reference or not k.startswith("ref_model.")}
 
 
 def check_checkpoint_weight_keys(saved: set[str], expected: set[str]) -> None:

@@ -53,6 +53,7 @@ from gainrl_pl.models import (
     check_checkpoint_weight_keys,
     checkpoint_weight_keys,
     load_tokenizer,
+    mix_reference_weights,
     reference_context,
     resolve_model_source,
 )
@@ -160,6 +161,12 @@ class GRPOModule(pl.LightningModule):
             clip ranges, e.g. `epsilon` 3e-4 and `epsilon_high` 4e-4). The same as `token` while on-policy: it
             acts with `num_iterations` > 1 or `steps_per_rollout` > 1.
         beta: KL coefficient to the reference model (k3 estimator); 0 loads no reference model.
+        sync_ref_model: Move the reference toward the policy during training (TRL's option, TR-DPO's update):
+            every `ref_model_sync_steps` optimizer steps, ref <- alpha * policy + (1 - alpha) * ref. Needs `beta` > 0
+            and full fine-tuning (with LoRA the reference is the base model, adapters off). The moved reference
+            is saved in checkpoints, so a resume continues from it.
+        ref_model_mixup_alpha: alpha of that update, in [0, 1] (1 copies the policy; TRL's default 0.6).
+        ref_model_sync_steps: Optimizer steps between two reference updates (TRL's default 512).
         reward_funcs: Reward functions (TRL's name): built-in names (`accuracy`, `format`, `length_penalty`) or
             dotted paths `package.module.function` with TRL's signature (e.g. `trl.rewards.accuracy_reward`);
             `null` = `[accuracy]`.
@@ -239,6 +246,9 @@ class GRPOModule(pl.LightningModule):
         importance_sampling_level: str = "token",
         top_entropy_quantile: float = 1.0,
         beta: float = 0.0,
+        sync_ref_model: bool = False,
+        ref_model_mixup_alpha: float = 0.6,
+        ref_model_sync_steps: int = 512,
         reward_funcs: list[str | Callable] | None = None,
         rewards: list[str | Callable] | None = None,
         reward_weights: list[float] | None = None,
@@ -301,6 +311,12 @@ class GRPOModule(pl.LightningModule):
                            "'normalize_then_sum' (GDPO normalises each reward within its group, then the batch)")
         if beta < 0 or epsilon <= 0 or (epsilon_high is not None and epsilon_high <= 0):
             raise ValueError(f"beta={beta} must be >= 0 and epsilon/epsilon_high > 0")
+        if sync_ref_model and (beta <= 0 or lora is not None):
+            raise ValueError(f"sync_ref_model needs a reference copy to move: set beta > 0 (now {beta}) and train "
+                             "without lora (with LoRA the reference is the base model with adapters off)")
+        if not 0.0 <= ref_model_mixup_alpha <= 1.0 or ref_model_sync_steps < 1:
+            raise ValueError(f"ref_model_mixup_alpha={ref_model_mixup_alpha} must be in [0, 1] and ref_model_sync_steps="
+                             f"{ref_model_sync_steps} >= 1")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 for sampling (use val_temperature=0 for greedy)")
         rounds = max_extra_generation_rounds
@@ -308,7 +324,7 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"max_extra_generation_rounds={rounds!r} must be an integer >= 0")
 
         self.automatic_optimization = False  # several optimizer steps per rollout, accumulation inside a step
-        # Checkpoints of LoRA runs hold the adapters only, none holds the reference copy (see on_save_checkpoint), so
+        # Checkpoints of LoRA runs hold the adapters only, few hold the reference copy (see on_save_checkpoint), so
         # Lightning's strict loading would refuse them; on_load_checkpoint checks exactly the keys we save instead.
         self.strict_loading = False
         self.tokenizer = load_tokenizer(model_name_or_path, gguf_file=gguf_file, trust_remote_code=trust_remote_code)
@@ -571,6 +587,9 @@ class GRPOModule(pl.LightningModule):
             opt.step()
             sched.step()
             self._weights_version += 1  # the rollout engine is stale until it gets these weights
+            # global_step already counts this step; every rank holds the same policy, so the mix needs no collective
+            if self.hparams.sync_ref_model and self.trainer.global_step % self.hparams.ref_model_sync_steps == 0:
+                mix_reference_weights(self.ref_model, self.policy, self.hparams.ref_model_mixup_alpha)
         else:
             self.nonfinite_total += 1
         opt.zero_grad(set_to_none=True)
@@ -836,10 +855,12 @@ class GRPOModule(pl.LightningModule):
     # ----------------------------------------------------------------- checkpoints
     def _checkpoint_keys(self, keys) -> set[str]:
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
-        return checkpoint_weight_keys(keys, trainable, lora=self.hparams.lora is not None)
+        return checkpoint_weight_keys(keys, trainable, lora=self.hparams.lora is not None,
+                                      reference=self.hparams.get("sync_ref_model", False))
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model."""
+        """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model
+        (a reference that `sync_ref_model` moves is saved)."""
         state = checkpoint["state_dict"]
         for key in set(state) - self._checkpoint_keys(state):
             del state[key]

@@ -48,11 +48,35 @@ def test_checkpoint_weight_keys_and_the_strict_check():
     keys = ["policy.a.lora_A", "policy.a.weight", "ref_model.a.weight"]
     assert checkpoint_weight_keys(keys, {"policy.a.lora_A"}, lora=True) == {"policy.a.lora_A"}
     assert checkpoint_weight_keys(keys, set(), lora=False) == {"policy.a.lora_A", "policy.a.weight"}
+    assert checkpoint_weight_keys(keys, set(), lora=False, reference=True) == set(keys)  # sync_ref_model moves it
     check_checkpoint_weight_keys({"policy.a.lora_A"}, {"policy.a.lora_A"})  # a match passes
     expected = {f"policy.l{i}.lora_A" for i in range(7)}
     with pytest.raises(RuntimeError, match=r"7 missing \(policy.l0.lora_A, .* and 2 more\); 1 unexpected "
                                            r"\(policy.x\) weight key\(s\)"):
         check_checkpoint_weight_keys({"policy.x"}, expected)
+
+
+def test_mix_reference_weights_by_hand():
+    from gainrl_pl.models import mix_reference_weights
+
+    torch.manual_seed(0)
+    policy = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    reference = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+    policy[1].running_mean.fill_(4.0)
+    ref_w, pol_w = reference[0].weight.detach().clone(), policy[0].weight.detach().clone()
+    mix_reference_weights(reference, policy, 0.25)
+    torch.testing.assert_close(reference[0].weight, 0.25 * pol_w + 0.75 * ref_w)
+    torch.testing.assert_close(reference[1].running_mean, torch.full((2,), 1.0))  # float buffers too: 0.25 * 4 + 0.75 * 0
+    assert int(reference[1].num_batches_tracked) == 0  # integer buffers are not mixed
+    torch.testing.assert_close(policy[0].weight, pol_w)  # the policy is untouched
+    mix_reference_weights(reference, policy, 1.0)
+    assert torch.equal(reference[0].weight, policy[0].weight)
+    with pytest.raises(ValueError, match=r"ref_model_mixup_alpha=1.5 must be in \[0, 1\]"):
+        mix_reference_weights(reference, policy, 1.5)
+    with pytest.raises(ValueError, match="differ in 4 weight name"):
+        mix_reference_weights(torch.nn.Sequential(torch.nn.Linear(3, 2)), policy, 0.5)
+    with pytest.raises(ValueError, match=r"0.weight: reference shape \(4, 3\) != policy shape \(2, 3\)"):
+        mix_reference_weights(torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(2)), policy, 0.5)
 
 
 @pytest.fixture(scope="module")

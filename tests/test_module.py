@@ -47,14 +47,14 @@ def make_module(tiny_model_dir, **kw):
     return GRPOModule(**defaults)
 
 
-def fit(module, dm, tmp_path, max_steps=2, callbacks=None, **trainer_kw):
+def fit(module, dm, tmp_path, max_steps=2, callbacks=None, ckpt_path=None, **trainer_kw):
     pl.seed_everything(0)
     trainer = pl.Trainer(**{**dict(accelerator="cpu", devices=1, max_steps=max_steps, max_epochs=-1, logger=False,
                                    enable_checkpointing=False, enable_progress_bar=False, num_sanity_val_steps=0,
                                    use_distributed_sampler=False, limit_val_batches=0, default_root_dir=tmp_path,
                                    callbacks=callbacks if callbacks is not None
                                    else [GainRLScheduler(use_cache=False)]), **trainer_kw})
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=ckpt_path)
     return trainer
 
 
@@ -230,6 +230,44 @@ def test_reference_is_the_starting_policy_and_stays_there(tiny_model_dir, toy_da
     torch.testing.assert_close(ref, start)
 
 
+def test_sync_ref_model_mixes_on_its_steps_and_a_resume_restores_the_moved_reference(tiny_model_dir, toy_data,
+                                                                                       tmp_path):
+    """TR-DPO's update every 2nd optimizer step: after 3 steps the reference is 0.5 * (policy after step 2) +
+    0.5 * start, untouched by step 3; checkpoints hold it, and a resume loads it instead of a fresh copy."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class PolicyAfterEachStep(pl.Callback):
+        def __init__(self):
+            self.states = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.states.append({n: p.detach().clone() for n, p in module.policy.named_parameters()})
+
+    module = make_module(tiny_model_dir, beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=0.5,
+                         ref_model_sync_steps=2)
+    start = {n: p.detach().clone() for n, p in module.ref_model.named_parameters()}
+    snapshots = PolicyAfterEachStep()
+    ckpt_dir = tmp_path / "ckpt"
+    fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=3, enable_checkpointing=True,
+        callbacks=[GainRLScheduler(use_cache=False), snapshots,
+                   ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1, save_last=True)])
+    after_step2, after_step3 = snapshots.states[1], snapshots.states[2]
+    ref = dict(module.ref_model.named_parameters())
+    for name, weight in start.items():
+        torch.testing.assert_close(ref[name], 0.5 * after_step2[name] + 0.5 * weight)
+    assert any(not torch.equal(after_step2[n], after_step3[n]) for n in ref), "step 3 did not move the policy"
+    assert any(not torch.equal(ref[n], start[n]) for n in ref), "the reference never moved"
+
+    # resumed after step 2, step 3 runs again: a reference rebuilt from the source model would stay at `start`
+    (step2_ckpt,) = ckpt_dir.glob("*step=2.ckpt")
+    assert any(k.startswith("ref_model.") for k in torch.load(step2_ckpt, weights_only=False)["state_dict"])
+    resumed = make_module(tiny_model_dir, beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=0.5,
+                          ref_model_sync_steps=2)
+    fit(resumed, make_datamodule(tiny_model_dir, toy_data), tmp_path / "resumed", max_steps=3, ckpt_path=str(step2_ckpt))
+    for name, weight in resumed.ref_model.named_parameters():
+        torch.testing.assert_close(weight, ref[name])
+
+
 def test_toy_reward_rises_proving_gradients_flow(tiny_model_dir, toy_data, tmp_path):
     torch.manual_seed(0)
     module = make_module(tiny_model_dir, learning_rate=3e-3, num_generations=8, max_completion_length=6,
@@ -278,6 +316,14 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
                     multi_objective_aggregation="normalize_then_sum")
     with pytest.warns(UserWarning, match="scale_rewards='batch' does not apply"):
         make_module(tiny_model_dir, scale_rewards="batch", multi_objective_aggregation="normalize_then_sum")
+    with pytest.raises(ValueError, match=r"sync_ref_model needs a reference copy to move: set beta > 0 \(now 0.0\)"):
+        make_module(tiny_model_dir, sync_ref_model=True)
+    with pytest.raises(ValueError, match="sync_ref_model needs .* without lora"):
+        make_module(tiny_model_dir, sync_ref_model=True, beta=0.1, lora=LoraSettings(r=4, alpha=8))
+    with pytest.raises(ValueError, match=r"ref_model_mixup_alpha=1.2 must be in \[0, 1\]"):
+        make_module(tiny_model_dir, ref_model_mixup_alpha=1.2)
+    with pytest.raises(ValueError, match="ref_model_sync_steps=0 >= 1"):
+        make_module(tiny_model_dir, ref_model_sync_steps=0)
     with pytest.raises(ValueError, match="lora.target_modules"):
         make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="quantization .* needs lora"):
