@@ -10,7 +10,9 @@ TRL's `GRPOTrainer` (trl 1.x) so its users find the knobs they know:
   big-vocabulary logits tensor exists one chunk at a time, never whole.
 - `policy_loss`: the PPO clipped surrogate per token with DAPO's asymmetric clip (`epsilon_high`, Yu et al.
   2025), optional two-sided clipping (`delta`), the k3 KL estimator to a reference (Schulman 2020), and the
-  four aggregations `grpo`, `bnpo`, `dr_grpo`, `dapo`.
+  aggregations `grpo`, `bnpo`, `dr_grpo`, `dapo` and `luspo` (per-completion sums); or instead of the clip,
+  CISPO's capped, detached importance weight (MiniMax 2025) or SAPO's soft gate (Gao et al. 2025), as TRL's
+  loss types of those names.
 """
 
 from __future__ import annotations
@@ -21,7 +23,9 @@ import torch
 from torch import Tensor
 
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+# Loss types whose loss divides by the token count of the whole optimizer step (all micro-batches, all ranks)
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
 IS_LEVELS = ("token", "sequence")  # the policy ratio (GRPO / GSPO) and the engine correction
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
@@ -38,6 +42,28 @@ def check_loss_type(loss_type: str) -> str:
     if loss_type not in LOSS_TYPES:
         raise ValueError(f"loss_type={loss_type!r} is not one of {', '.join(LOSS_TYPES)}")
     return loss_type
+
+
+def check_loss_options(loss_type: str, epsilon_high: float | None, delta: float | None) -> None:
+    """ValueError for settings a loss type cannot use: `cispo` caps the ratio itself at `epsilon_high` (so it must
+    be set, >= 1), and `delta` applies to the clipped losses only."""
+    check_loss_type(loss_type)
+    if loss_type == "cispo" and (epsilon_high is None or epsilon_high < 1):
+        raise ValueError(f"loss_type='cispo' caps the importance weight itself at epsilon_high (TRL's and ScaleRL's "
+                         f"epsilon_max; 5.0 is recommended), so epsilon_high={epsilon_high} would scale down even "
+                         "on-policy tokens: set epsilon_high >= 1")
+    if delta is not None and loss_type in ("cispo", "sapo"):
+        raise ValueError(f"delta={delta} caps the ratio of the clipped losses (grpo, bnpo, dr_grpo, dapo, luspo); "
+                         f"loss_type={loss_type!r} has no such term: unset delta")
+
+
+def sapo_gate(ratio: Tensor, temperature: Tensor | float) -> Tensor:
+    """SAPO's soft gate (Gao et al. 2025, "Soft Adaptive Policy Optimization"): sigmoid(tau * (r - 1)) * 4 / tau.
+
+    Its slope at r = 1 is 1, so on-policy the gradient is GRPO's; off-policy it fades smoothly where the clip
+    would cut the gradient off at once. A larger tau fades faster.
+    """
+    return torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature
 
 
 def check_importance_sampling_level(level: str) -> str:
@@ -204,7 +230,8 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
     Autograd through a plain chunk loop would keep every chunk's float32 copy for backward, which adds up
     to the full extra vocabulary tensor we want to avoid. Here only the logits themselves (already alive)
     and one logsumexp per token are saved; backward rebuilds softmax one chunk at a time:
-    d logp / d logits = (onehot(token) - softmax(logits / T)) / T.
+    d logp / d logits = (onehot(token) - softmax(logits / T)) / T. The entropy output is differentiable too
+    (an entropy bonus trains on it): d H / d logits = -p * (log p + H) / T, from the same chunk.
     """
 
     @staticmethod
@@ -226,16 +253,20 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
             lse[b0:b1, t0:t1] = chunk_lse
             if with_entropy:
                 entropy[b0:b1, t0:t1] = _entropy_from_chunk(x, chunk_lse.unsqueeze(-1))
-        ctx.save_for_backward(logits, token_ids, lse)
+        ctx.save_for_backward(logits, token_ids, lse, entropy)
         ctx.temperature = temperature
         ctx.chunk_size = chunk_size
-        ctx.mark_non_differentiable(entropy)
+        ctx.set_materialize_grads(False)  # an unused output's gradient arrives as None, not a tensor of zeros
+        if not with_entropy:
+            ctx.mark_non_differentiable(entropy)
         return out, entropy
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_out: Tensor, _grad_entropy: Tensor | None = None):
-        logits, token_ids, lse = ctx.saved_tensors
+    def backward(ctx, grad_out: Tensor | None, grad_entropy: Tensor | None = None):
+        logits, token_ids, lse, entropy = ctx.saved_tensors
+        if grad_out is None and grad_entropy is None:
+            return torch.zeros_like(logits), None, None, None, None
         temperature = ctx.temperature
         grad = torch.empty_like(logits)
         batch, length, _ = logits.shape
@@ -244,9 +275,20 @@ class _ChunkedSelectiveLogSoftmax(torch.autograd.Function):
             x = logits[b0:b1, t0:t1].to(dtype)
             if temperature != 1.0:
                 x = x / temperature
-            g = grad_out[b0:b1, t0:t1].to(dtype).unsqueeze(-1)
-            chunk = torch.exp(x - lse[b0:b1, t0:t1].unsqueeze(-1)).mul_(-g)  # -softmax * g
-            chunk.scatter_add_(-1, token_ids[b0:b1, t0:t1].unsqueeze(-1), g)  # + onehot * g
+            chunk_lse = lse[b0:b1, t0:t1].unsqueeze(-1)
+            chunk = torch.exp(x - chunk_lse)  # softmax, turned into the gradient in place below
+            if grad_entropy is not None:  # -p * (log p + H) * g_H; 0 where p == 0 (a -inf logit), not NaN
+                h = entropy[b0:b1, t0:t1].unsqueeze(-1)
+                g_h = grad_entropy[b0:b1, t0:t1].to(dtype).unsqueeze(-1)
+                entropy_part = torch.where(chunk > 0, chunk * (x - chunk_lse + h), 0.0).mul_(-g_h)
+            if grad_out is not None:
+                g = grad_out[b0:b1, t0:t1].to(dtype).unsqueeze(-1)
+                chunk.mul_(-g)  # -softmax * g
+                chunk.scatter_add_(-1, token_ids[b0:b1, t0:t1].unsqueeze(-1), g)  # + onehot * g
+            else:
+                chunk.zero_()
+            if grad_entropy is not None:
+                chunk.add_(entropy_part)
             if temperature != 1.0:
                 chunk.div_(temperature)
             grad[b0:b1, t0:t1] = chunk.to(grad.dtype)
@@ -323,10 +365,11 @@ def token_logprobs(
 def token_logprobs_and_entropy(
     logits: Tensor, token_ids: Tensor, temperature: float = 1.0, chunk_size: int | None = None
 ) -> tuple[Tensor, Tensor]:
-    """`token_logprobs` plus the detached per-position entropy (`token_entropy`) from the same pass.
+    """`token_logprobs` plus the per-position entropy (`token_entropy`) from the same pass.
 
     The training step logs entropy; computing it while each float32 chunk of logits is already built
-    costs one extra exp per chunk instead of a second pass over the whole logits tensor.
+    costs one extra exp per chunk instead of a second pass over the whole logits tensor. The entropy is
+    differentiable (`entropy_coef` trains on it); its backward costs nothing when nothing uses it.
     """
     return _selective_log_softmax(logits, token_ids, chunk_size, temperature, with_entropy=True)
 
@@ -399,6 +442,25 @@ def high_entropy_mask(entropy: Tensor, completion_mask: Tensor, top_quantile: fl
     return (entropy >= threshold) & mask
 
 
+@torch.no_grad()
+def off_policy_sequence_mask(advantages: Tensor, logp: Tensor, sampling_logp: Tensor, completion_mask: Tensor,
+                             threshold: float) -> Tensor:
+    """DeepSeek-V3.2's off-policy sequence mask (TRL's `off_policy_mask_threshold`): `(B, 1)` 1.0 = train, 0.0 = drop.
+
+    A completion is dropped when its advantage is negative and its mean token log-ratio sampling / current policy
+    (a KL estimate over its completion tokens) exceeds `threshold`: a stale, badly-scored sample would push the
+    policy away from text it no longer produces. NaN sampling log-probs (tokens the engine could not score) count
+    as 0, so one unscored token cannot drop a completion.
+    """
+    if threshold <= 0:
+        raise ValueError(f"off_policy_mask_threshold={threshold} must be > 0 (DeepSeek-V3.2 / TRL suggest e.g. 0.5)")
+    mask = completion_mask.bool()
+    log_ratio = torch.nan_to_num(sampling_logp.float() - logp.float(), nan=0.0)
+    mean_kl = torch.where(mask, log_ratio, 0.0).sum(1, keepdim=True) / mask.sum(1, keepdim=True).clamp(min=1)
+    keep = (advantages.reshape(-1, 1) >= 0) | (mean_kl <= threshold)
+    return keep.float()
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor | None,
@@ -415,6 +477,9 @@ def policy_loss(
     delta: float | None = None,
     sampling_weights: Tensor | None = None,
     importance_sampling_level: str = "token",
+    sapo_temperature_pos: float = 1.0,
+    sapo_temperature_neg: float = 1.05,
+    use_bias_correction_kl: bool = False,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's clipped policy-gradient loss (TRL's `GRPOTrainer` semantics).
 
@@ -436,11 +501,19 @@ def policy_loss(
             `dr_grpo`: S / (B * max_completion_length) (Dr. GRPO: a constant denominator, no length bias);
             `dapo` (TRL default): S / `num_items_in_batch`, the token count of the whole global batch, so
             every token of the optimizer step weighs the same however it is split into micro-batches.
+            Two more replace the clipped term, each with TRL's aggregation for it: `cispo` (MiniMax-M1, 2025):
+            loss_t = -sg(min(r, epsilon_high)) * A * logp_t, a capped importance weight with no gradient of its
+            own, so no token loses its gradient to a clip (aggregated as `dapo`); `sapo` (Gao et al. 2025):
+            loss_t = -sapo_gate(r, tau) * A, tau = `sapo_temperature_pos` for A > 0 and `sapo_temperature_neg`
+            otherwise (aggregated as `grpo`). On-policy both have GRPO's gradient. `luspo` (LUSPO, 2026): the
+            clipped term, summed over each completion's tokens and averaged over completions, so a sequence-level
+            ratio (`importance_sampling_level="sequence"`, the paper's setup) weighs each completion by its length.
         epsilon: Lower clip range: the ratio is clipped below at 1 - epsilon.
-        epsilon_high: Upper clip range (DAPO's clip-higher, e.g. 0.28); `None` = `epsilon`.
+        epsilon_high: Upper clip range (DAPO's clip-higher, e.g. 0.28); `None` = `epsilon`. With `cispo`, the cap
+            of the importance weight itself (required, >= 1; 5.0 in ScaleRL).
         beta: KL coefficient; 0 disables the KL term.
         max_completion_length: The generation length limit; required for `dr_grpo`.
-        num_items_in_batch: `dapo` denominator: completion tokens of the global batch (all gradient-
+        num_items_in_batch: `dapo`/`cispo` denominator: completion tokens of the global batch (all gradient-
             accumulation micro-batches and all DDP ranks). Because DDP averages gradients over ranks, pass
             the global count divided by the number of ranks, as TRL does, so the averaged gradient equals
             sum / global count. `None` falls back to this call's token count (then `dapo` == `bnpo`).
@@ -458,19 +531,30 @@ def policy_loss(
             token's logp is s / |y|: on-policy (s = 1) the gradient equals the token level's for every
             `loss_type`; the two differ only once the policy has moved off the rollout's (`num_iterations` > 1
             or several optimizer steps per rollout). GSPO's clip ranges are far smaller (3e-4 / 4e-4).
+        sapo_temperature_pos: SAPO's tau for tokens with a positive advantage (TRL's default 1.0).
+        sapo_temperature_neg: SAPO's tau for the others (TRL's default 1.05: negative tokens fade faster).
+        use_bias_correction_kl: Multiply each token's KL term by the policy ratio r (DeepSeek-V3.2; TRL's name):
+            its value is unchanged on-policy (r = 1) but r's own gradient is added, which makes the k3 term's
+            gradient the unbiased gradient of KL(pi || ref). Off (the plain k3 term) keeps GRPO's form.
 
     Returns:
         `(loss, metrics)`: the scalar float32 loss, and detached scalar metrics: `clip_fraction_low`
         (ratio < 1 - epsilon with A < 0), `clip_fraction_high` (ratio > 1 + epsilon_high with A > 0),
-        `clip_fraction` (either: the tokens whose gradient the clip removed), `ratio_mean`, and `kl` (the
+        `clip_fraction` (either: the tokens whose gradient the clip removed; for `cispo` the tokens whose weight
+        the cap lowered, all under `high`; for `sapo`, which clips nothing, the tokens outside the clip range
+        the others would use), `ratio_mean`, and `kl` (the
         masked token mean of the k3 estimate) whenever `ref_logp` is given. Means are over completion
         tokens; an all-zero mask gives 0 everywhere, never NaN.
 
     Raises:
         ValueError: unknown `loss_type` or `importance_sampling_level`, `beta > 0` without `ref_logp`, `dr_grpo`
-            without `max_completion_length`, negative `epsilon`/`beta`, or mismatched shapes.
+            without `max_completion_length`, negative `epsilon`/`beta`, `check_loss_options`'s cases, non-positive
+            SAPO temperatures, or mismatched shapes.
     """
-    check_loss_type(loss_type)
+    check_loss_options(loss_type, epsilon_high, delta)
+    if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+        raise ValueError(f"sapo_temperature_pos={sapo_temperature_pos} and sapo_temperature_neg="
+                         f"{sapo_temperature_neg} must be > 0")
     check_importance_sampling_level(importance_sampling_level)
     if beta < 0 or epsilon < 0 or (epsilon_high is not None and epsilon_high < 0):
         raise ValueError(f"beta={beta}, epsilon={epsilon}, epsilon_high={epsilon_high} must be >= 0")
@@ -500,9 +584,15 @@ def policy_loss(
         # (B, 1), broadcast over the tokens below: one clip decision per completion
         log_ratio = log_ratio.sum(dim=1, keepdim=True) / mask.sum(dim=1, keepdim=True).clamp(min=1)
     ratio = torch.exp(log_ratio)
-    clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
-    unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
-    per_token = -torch.minimum(unclipped * adv, clipped * adv)
+    if loss_type == "cispo":
+        per_token = -torch.clamp(ratio, max=eps_high).detach() * adv * torch.where(mask, logp, 0.0)
+    elif loss_type == "sapo":
+        tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
+        per_token = -sapo_gate(ratio, tau) * adv
+    else:
+        clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
+        unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
+        per_token = -torch.minimum(unclipped * adv, clipped * adv)
     if sampling_weights is not None:
         per_token = per_token * sampling_weights.float()
 
@@ -512,17 +602,19 @@ def policy_loss(
         d = torch.where(mask, ref_logp.float() - logp, 0.0)
         kl = torch.exp(d) - d - 1
         if beta > 0:
-            per_token = per_token + beta * kl
+            per_token = per_token + beta * (kl * ratio if use_bias_correction_kl else kl)
 
     per_token = torch.where(mask, per_token, 0.0)
     total = per_token.sum()
-    if loss_type == "grpo":
+    if loss_type in ("grpo", "sapo"):
         loss = (per_token.sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
     elif loss_type == "bnpo":
         loss = total / mask.sum().clamp(min=1)
     elif loss_type == "dr_grpo":
         loss = total / (logp.shape[0] * max_completion_length)
-    else:  # dapo
+    elif loss_type == "luspo":
+        loss = per_token.sum(dim=1).mean()
+    else:  # GLOBAL_TOKEN_LOSS_TYPES
         if num_items_in_batch is None:
             denominator = mask.sum().clamp(min=1).float()
         else:
@@ -532,8 +624,11 @@ def policy_loss(
 
     with torch.no_grad():
         ratio = ratio.expand_as(mask)  # sequence level: the metrics count a completion's tokens, as the token level
-        low = (ratio < 1 - epsilon) & (adv < 0) & mask
-        high = (ratio > 1 + eps_high) & (adv > 0) & mask
+        if loss_type == "cispo":  # the cap lowers the weight whatever the advantage's sign
+            low, high = torch.zeros_like(mask), (ratio > eps_high) & mask
+        else:
+            low = (ratio < 1 - epsilon) & (adv < 0) & mask
+            high = (ratio > 1 + eps_high) & (adv > 0) & mask
         metrics = {
             "clip_fraction_low": masked_mean(low.float(), mask),
             "clip_fraction_high": masked_mean(high.float(), mask),

@@ -32,16 +32,18 @@ from gainrl_pl.engines import resolve_rollout_engine, vllm_installed
 from gainrl_pl.engines.vllm import VllmSettings, sampling_params_fields
 from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
+    GLOBAL_TOKEN_LOSS_TYPES,
     MULTI_OBJECTIVE_AGGREGATIONS,
     batch_normalize,
     check_importance_sampling_level,
-    check_loss_type,
+    check_loss_options,
     check_scale_rewards,
     compute_advantages,
     high_entropy_mask,
     importance_sampling_weights,
     masked_mean,
     normalized_reward_sum,
+    off_policy_sequence_mask,
     policy_loss,
     token_logprobs,
     token_logprobs_and_entropy,
@@ -146,11 +148,19 @@ class GRPOModule(pl.LightningModule):
         steps_per_rollout: Optimizer steps per pass over a rollout (the rollout is split into this many mini-batches).
         micro_batch_size: Completions per forward/backward (gradient accumulation inside a mini-batch); `null` = whole mini-batch.
         loss_type: `grpo` (per-sequence mean), `bnpo` (per-token mean over the batch), `dr_grpo`
-            (token sum / (sequences x max_completion_length)), `dapo` (per-token mean over the global batch).
+            (token sum / (sequences x max_completion_length)), `dapo` (per-token mean over the global batch);
+            or, instead of the clipped ratio, `cispo` (MiniMax-M1: the ratio capped at `epsilon_high`, which must be
+            set >= 1, e.g. 5.0, as a weight without gradient, so no token loses its gradient; aggregated as
+            `dapo`) or `sapo` (SAPO: a soft gate that fades off-policy tokens' gradient instead of cutting it;
+            aggregated as `grpo`), or `luspo` (LUSPO: the clipped loss summed over each completion, then averaged;
+            meant for `importance_sampling_level: sequence`). TRL's names and aggregations.
+        sapo_temperature_pos: SAPO's gate temperature for tokens with a positive advantage (TRL's default).
+        sapo_temperature_neg: SAPO's gate temperature for the others; higher fades faster (TRL's default).
         scale_rewards: Advantage scaling: `group` std, `batch` std (of every completion on all DDP ranks, as TRL),
             or `none` (Dr. GRPO).
         epsilon: Lower clipping range of the probability ratio.
-        epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`.
+        epsilon_high: Upper clipping range (DAPO's clip-higher); `null` = `epsilon`. With `loss_type: cispo`, the
+            cap of the importance weight itself (ScaleRL's epsilon_max, 5.0 recommended).
         delta: Two-sided clipping: cap the ratio at `delta` for negative advantages (`null` = off).
         top_entropy_quantile: Train the policy term on this share of each micro-batch's completion tokens, those of
             highest entropy (TRL's name; Wang et al. 2025 keep 0.2); 1.0 trains on all. The quantile is taken over
@@ -161,6 +171,18 @@ class GRPOModule(pl.LightningModule):
             clip ranges, e.g. `epsilon` 3e-4 and `epsilon_high` 4e-4). The same as `token` while on-policy: it
             acts with `num_iterations` > 1 or `steps_per_rollout` > 1.
         beta: KL coefficient to the reference model (k3 estimator); 0 loads no reference model.
+        off_policy_mask_threshold: Drop from the policy term each completion with a negative advantage whose mean
+            token log-ratio sampling policy / current policy exceeds this (DeepSeek-V3.2's off-policy sequence
+            mask; TRL's name; e.g. 0.5); `null` = off. The sampling log-probs are vLLM's when it rolls out, else the
+            rollout policy's, so it acts on-policy only through vLLM's mismatch; with `num_iterations` or
+            `steps_per_rollout` > 1 also once the policy has moved. Logged as `train/off_policy_masked_fraction`.
+        use_bias_correction_kl: Weight each token's KL term by the policy ratio (TRL's name, DeepSeek-V3.2): the
+            same value on-policy, but the gradient becomes the unbiased gradient of KL(policy || reference).
+            Off by default here (the k3 term of GRPO's paper and of TRL before 1.x); TRL 1.x defaults to on.
+        entropy_coef: Entropy bonus (TRL's, verl's `entropy_coeff`): the loss minus this times the mean token
+            entropy of the optimizer step's completions (all ranks, however micro-batched), which keeps the policy
+            from collapsing to near-deterministic outputs. 0 = off; any `loss_type`. With `top_entropy_quantile`
+            < 1 it still counts every completion token (TRL's counts the kept ones only).
         sync_ref_model: Move the reference toward the policy during training (TRL's option, TR-DPO's update):
             every `ref_model_sync_steps` optimizer steps, ref <- alpha * policy + (1 - alpha) * ref. Needs `beta` > 0
             and full fine-tuning (with LoRA the reference is the base model, adapters off). The moved reference
@@ -239,6 +261,8 @@ class GRPOModule(pl.LightningModule):
         steps_per_rollout: int = 1,
         micro_batch_size: int | None = None,
         loss_type: str = "dapo",
+        sapo_temperature_pos: float = 1.0,
+        sapo_temperature_neg: float = 1.05,
         scale_rewards: str = "group",
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
@@ -246,6 +270,9 @@ class GRPOModule(pl.LightningModule):
         importance_sampling_level: str = "token",
         top_entropy_quantile: float = 1.0,
         beta: float = 0.0,
+        off_policy_mask_threshold: float | None = None,
+        use_bias_correction_kl: bool = False,
+        entropy_coef: float = 0.0,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -288,7 +315,18 @@ class GRPOModule(pl.LightningModule):
         reward_funcs = list(reward_funcs if reward_funcs is not None else rewards or ["accuracy"])
         self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
         self.hparams["rewards"] = None
-        check_loss_type(loss_type)
+        check_loss_options(loss_type, epsilon_high, delta)
+        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+            raise ValueError(f"sapo_temperature_pos={sapo_temperature_pos} and sapo_temperature_neg="
+                             f"{sapo_temperature_neg} must be > 0")
+        if loss_type == "luspo" and importance_sampling_level != "sequence":
+            rank_zero_warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's "
+                           "setup); with token-level ratios it is the clipped loss summed over each completion")
+        if off_policy_mask_threshold is not None and not off_policy_mask_threshold > 0:
+            raise ValueError(f"off_policy_mask_threshold={off_policy_mask_threshold} must be > 0 (e.g. 0.5) or null "
+                             "(off)")
+        if not math.isfinite(entropy_coef):
+            raise ValueError(f"entropy_coef={entropy_coef} must be a finite number (0 = no entropy bonus)")
         check_importance_sampling_level(importance_sampling_level)
         if not 0 < top_entropy_quantile <= 1:
             raise ValueError(f"top_entropy_quantile={top_entropy_quantile} must be in (0, 1]: the share of completion "
@@ -500,6 +538,8 @@ class GRPOModule(pl.LightningModule):
         skipped = 0
         t0 = _now()
         entropy_filter = hp.top_entropy_quantile < 1
+        entropy_bonus = hp.entropy_coef != 0
+        global_denominator = hp.loss_type in GLOBAL_TOKEN_LOSS_TYPES
         for iteration in range(hp.num_iterations):
             for mb in mini_batches:
                 global_tokens = self._global_token_count(loss_mask[mb])
@@ -512,7 +552,7 @@ class GRPOModule(pl.LightningModule):
                                              use_cache=False, logits_to_keep=rollout.completion_ids.shape[1] + 1).logits
                     logits = logits[:, :-1]
                     log_entropy = k == 0 and iteration == 0
-                    if log_entropy or entropy_filter:  # entropies come from the same chunked pass over the logits
+                    if log_entropy or entropy_filter or entropy_bonus:  # from the same chunked pass over the logits
                         logp, entropy = token_logprobs_and_entropy(logits, rollout.completion_ids[idx],
                                                                    temperature=hp.temperature)
                     else:
@@ -523,6 +563,12 @@ class GRPOModule(pl.LightningModule):
                     if entropy_filter:  # the policy term only: weights multiply it, not the KL or the denominator
                         kept = high_entropy_mask(entropy, loss_mask[idx], hp.top_entropy_quantile)
                         weights = kept.float() if weights is None else weights * kept
+                    if hp.off_policy_mask_threshold is not None:  # the policy term only, as the entropy mask
+                        sampled = (rollout.sampling_logprobs[idx].to(logp.device) if rollout.sampling_logprobs
+                                   is not None else logp.detach() if old_logp is None else old_logp[idx])
+                        keep = off_policy_sequence_mask(advantages[idx], logp, sampled, loss_mask[idx],
+                                                        hp.off_policy_mask_threshold)
+                        weights = keep if weights is None else weights * keep
                     loss, metrics = policy_loss(
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
@@ -530,16 +576,24 @@ class GRPOModule(pl.LightningModule):
                         importance_sampling_level=hp.importance_sampling_level,
                         max_completion_length=hp.max_completion_length,
                         num_items_in_batch=global_tokens / self.trainer.world_size,
-                        sampling_weights=weights)
-                    if hp.loss_type != "dapo":  # dapo already divides by the whole mini-batch's tokens
+                        sampling_weights=weights, sapo_temperature_pos=hp.sapo_temperature_pos,
+                        sapo_temperature_neg=hp.sapo_temperature_neg,
+                        use_bias_correction_kl=hp.use_bias_correction_kl)
+                    if not global_denominator:  # dapo/cispo already divide by the whole mini-batch's tokens
                         loss = loss / len(micro)
-                    self.manual_backward(loss)
+                    objective = loss
+                    if entropy_bonus:  # a mean over the mini-batch's tokens on all ranks (DDP averages the ranks)
+                        entropy_sum = (entropy * loss_mask[idx]).sum()
+                        objective = loss - hp.entropy_coef * entropy_sum * self.trainer.world_size / global_tokens
+                    self.manual_backward(objective)
                     train_tokens += int(attention[idx].sum())
-                    metrics["loss"] = loss.detach() * (1 if hp.loss_type == "dapo" else len(micro))
+                    metrics["loss"] = loss.detach() * (1 if global_denominator else len(micro))
                     if log_entropy:
-                        metrics["entropy"] = masked_mean(entropy, loss_mask[idx])
+                        metrics["entropy"] = masked_mean(entropy.detach(), loss_mask[idx])
                     if entropy_filter:
                         metrics["entropy_kept_fraction"] = masked_mean(kept.float(), loss_mask[idx])
+                    if hp.off_policy_mask_threshold is not None:
+                        metrics["off_policy_masked_fraction"] = 1 - keep.mean()
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                     losses.append(float(metrics["loss"]))

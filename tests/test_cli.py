@@ -47,6 +47,7 @@ def test_help_shows_docstrings():
     assert "--data.chat_template_kwargs" in text and "enable_thinking" in text
     assert "--model.generation_kwargs" in text and "--model.disable_dropout" in text
     assert "--model.sync_ref_model" in text and "TR-DPO" in text
+    assert "--model.entropy_coef" in text and "`cispo` (MiniMax-M1" in text and "--model.sapo_temperature_neg" in text
     assert "accuracy_source" in text and "--data.schedule.help" in text and "--model.lora.help" in text
     for group, expected in (("--data.schedule.help", "Prompts per sampling round"),
                             ("--model.lora.help", "Rank of the LoRA update matrices")):

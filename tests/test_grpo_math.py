@@ -15,10 +15,13 @@ from gainrl_pl.grpo import (
     compute_advantages,
     high_entropy_mask,
     normalized_reward_sum,
+    off_policy_sequence_mask,
     policy_loss,
+    sapo_gate,
     selective_log_softmax,
     token_entropy,
     token_logprobs,
+    token_logprobs_and_entropy,
 )
 
 EPS = 1e-4  # TRL's std epsilon, the default of compute_advantages
@@ -227,6 +230,30 @@ def test_token_entropy_chunked():
     assert torch.allclose(token_entropy(masked), torch.full((1, 1), math.log(3)))
 
 
+def test_entropy_gradient_matches_autograd_and_survives_a_masked_logit():
+    # entropy_coef trains on the entropy the chunked pass returns: its gradient (alone and beside the log-probs')
+    # must be the plain softmax entropy's
+    g = torch.Generator().manual_seed(5)
+    base = torch.randn(2, 4, 11, generator=g)
+    base[0, 1, 3] = float("-inf")  # a masked vocabulary entry: p = 0 there, gradient 0, never NaN
+    ids = torch.randint(4, 11, (2, 4), generator=g)
+    w_logp, w_h = torch.randn(2, 4, generator=g), torch.randn(2, 4, generator=g)
+    for use_logp in (True, False):
+        a = base.clone().requires_grad_()
+        logp, entropy = token_logprobs_and_entropy(a, ids, temperature=0.8, chunk_size=3)
+        ((logp * w_logp).sum() * use_logp + (entropy * w_h).sum()).backward()
+        b = base.clone().requires_grad_()
+        x = torch.where(torch.isinf(b), -1e9, b) / 0.8  # autograd through a -inf gives NaN: a finite "masked"
+        plain_h = -(torch.softmax(x, -1) * torch.log_softmax(x, -1)).sum(-1)
+        ((reference_logprobs(b, ids, 0.8) * w_logp).sum() * use_logp + (plain_h * w_h).sum()).backward()
+        assert torch.isfinite(a.grad).all()
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-5, rtol=1e-5)
+    g64 = torch.randn(2, 3, 5, dtype=torch.float64, generator=g, requires_grad=True)
+    ids64 = torch.randint(0, 5, (2, 3), generator=g)
+    assert torch.autograd.gradcheck(lambda x: token_logprobs_and_entropy(x, ids64, temperature=1.3, chunk_size=2),
+                                    (g64,))
+
+
 # ----------------------------------------------------------------------------------------------- the loss
 def two_sequences():
     """Ratios chosen to hit each clip case. Sequence 0 (A = +1) has 2 tokens, sequence 1 (A = -0.5) has 3.
@@ -253,6 +280,7 @@ def two_sequences():
         ("grpo", {}, (-2.1 / 2 + 1.45 / 3) / 2),  # per-sequence means, then their mean = -0.283333
         ("bnpo", {}, -0.65 / 5),  # all tokens of the batch = -0.13
         ("dr_grpo", {"max_completion_length": 4}, -0.65 / (2 * 4)),  # constant denominator = -0.08125
+        ("luspo", {}, (-2.1 + 1.45) / 2),  # per-sequence sums, then their mean = -0.325
         ("dapo", {"num_items_in_batch": 10}, -0.65 / 10),  # the global batch's 10 tokens = -0.065
         ("dapo", {}, -0.65 / 5),  # no global count: local tokens, same as bnpo
     ],
@@ -266,6 +294,59 @@ def test_each_loss_type_by_hand(loss_type, kwargs, expected):
     assert metrics["clip_fraction"].item() == pytest.approx(2 / 5)
     assert metrics["ratio_mean"].item() == pytest.approx((1.5 + 0.9 + 1.1 + 0.7 + 1.0) / 5)
     assert "kl" not in metrics and all(not v.requires_grad for v in metrics.values())
+
+
+def test_cispo_by_hand():
+    # weight w = min(r, 1.2), no gradient; loss_t = -w * A * logp_t, summed and divided by the global token count
+    logp, old, adv, mask = two_sequences()
+    loss, metrics = policy_loss(logp, old, None, adv, mask, loss_type="cispo", epsilon_high=1.2, num_items_in_batch=10)
+    rows = [(1.2, 1.0, -1.0 + math.log(1.5)), (0.9, 1.0, -2.0 + math.log(0.9)),  # r = 1.5 capped at 1.2
+            (1.1, -0.5, -0.5 + math.log(1.1)), (0.7, -0.5, -1.5 + math.log(0.7)), (1.0, -0.5, -2.5)]
+    assert loss.item() == pytest.approx(sum(-w * a * lp for w, a, lp in rows) / 10, abs=1e-6)
+    loss.backward()
+    # d/d logp_t = -w * A / 10: the capped token keeps a gradient, the clip would have zeroed it
+    expected = torch.tensor([[-1.2, -0.9, 0.0], [0.55, 0.35, 0.5]]) / 10
+    torch.testing.assert_close(logp.grad, expected)
+    assert metrics["clip_fraction_high"].item() == pytest.approx(1 / 5) and metrics["clip_fraction_low"].item() == 0
+
+
+def test_sapo_by_hand():
+    # gate(r, tau) = sigmoid(tau * (r - 1)) * 4 / tau, tau 1.0 for A > 0 and 1.05 otherwise; loss_t = -gate * A,
+    # aggregated as grpo (per-sequence means, then their mean)
+    logp, old, adv, mask = two_sequences()
+    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="sapo")
+
+    def gate(r, tau):
+        return 4 / tau / (1 + math.exp(-tau * (r - 1)))
+
+    seq0 = (-gate(1.5, 1.0) - gate(0.9, 1.0)) / 2
+    seq1 = 0.5 * (gate(1.1, 1.05) + gate(0.7, 1.05) + gate(1.0, 1.05)) / 3
+    assert loss.item() == pytest.approx((seq0 + seq1) / 2, abs=1e-6)
+    # the gate's slope at r = 1 is 1 for any tau: on-policy SAPO is GRPO
+    r = torch.tensor([1.0, 1.0], requires_grad=True)
+    sapo_gate(r, torch.tensor([0.5, 3.0])).sum().backward()
+    torch.testing.assert_close(r.grad, torch.ones(2))
+    # far off-policy the gate fades where a clip would cut: r = 3 with A = 1 keeps r * 4 * sigmoid'(2) = 1.26 of
+    # the unclipped ratio's 3 (the clip's: 0)
+    logp2 = torch.tensor([[math.log(3.0)]], requires_grad=True)
+    policy_loss(logp2, torch.zeros(1, 1), None, torch.ones(1), torch.ones(1, 1), loss_type="sapo")[0].backward()
+    sig = 1 / (1 + math.exp(-2.0))
+    assert -logp2.grad.item() == pytest.approx(3 * 4 * sig * (1 - sig), rel=1e-5)
+
+
+@pytest.mark.parametrize("loss_type, same_as", [("cispo", "dapo"), ("sapo", "grpo")])
+def test_cispo_and_sapo_have_the_grpo_gradient_on_policy(loss_type, same_as):
+    gen = torch.Generator().manual_seed(1)
+    base = -torch.rand(3, 4, generator=gen) * 3
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1], [1, 0, 0, 0]])
+    adv = torch.tensor([0.7, -1.3, 0.4])
+    grads = []
+    for kind in (loss_type, same_as):
+        logp = base.clone().requires_grad_()
+        policy_loss(logp, None, None, adv, mask, loss_type=kind, epsilon_high=5.0 if kind == "cispo" else None,
+                    num_items_in_batch=9)[0].backward()
+        grads.append(logp.grad)
+    torch.testing.assert_close(grads[0], grads[1])
 
 
 def test_asymmetric_epsilon_high():
@@ -342,6 +423,24 @@ def test_kl_k3_values_and_gradient():
     assert loss0.item() == 0.0 and metrics0["kl"].item() == pytest.approx(0.5 / 3, abs=1e-6)
 
 
+def test_bias_corrected_kl_adds_the_ratio_gradient():
+    # beta * k3 * r with r = 1 on-policy: the same value, gradient beta * ((1 - e^d) + k3) per token
+    logp = torch.tensor([[-1.0, -1.0, -1.0]], requires_grad=True)
+    ref = torch.tensor([[-1.0, -1.0 + math.log(2), -1.0 - math.log(2)]])
+    loss, metrics = policy_loss(logp, None, ref, torch.zeros(1), torch.ones(1, 3), loss_type="bnpo", beta=0.1,
+                                use_bias_correction_kl=True)
+    assert loss.item() == pytest.approx(0.1 * 0.5 / 3, abs=1e-6) and metrics["kl"].item() == pytest.approx(0.5 / 3)
+    loss.backward()
+    k3 = [0.0, 2 - math.log(2) - 1, 0.5 + math.log(2) - 1]
+    expected = [0.1 * (1 - e + k) / 3 for e, k in zip([1.0, 2.0, 0.5], k3, strict=True)]
+    torch.testing.assert_close(logp.grad, torch.tensor([expected]))
+    # off-policy the value is weighted too: r = 2 doubles the KL term
+    old = logp.detach() - math.log(2)
+    loss2, _ = policy_loss(logp, old, ref, torch.zeros(1), torch.ones(1, 3), loss_type="bnpo", beta=0.1,
+                           use_bias_correction_kl=True)
+    assert loss2.item() == pytest.approx(2 * 0.1 * 0.5 / 3, abs=1e-6)
+
+
 @pytest.mark.parametrize("loss_type", LOSS_TYPES)
 def test_empty_mask_and_garbage_padding_never_nan(loss_type):
     logp = torch.tensor([[80.0, -3.0], [-90.0, 60.0]], requires_grad=True)  # exp(+-) overflows if unmasked
@@ -357,6 +456,7 @@ def test_empty_mask_and_garbage_padding_never_nan(loss_type):
             mask,
             loss_type=loss_type,
             beta=0.1,
+            epsilon_high=5.0 if loss_type == "cispo" else None,
             max_completion_length=2,
             num_items_in_batch=0 if mask.sum() == 0 else None,
         )
@@ -440,7 +540,8 @@ def test_sequence_level_equals_token_level_on_policy(loss_type):
     for level in ("token", "sequence"):
         logp = base.clone().requires_grad_()
         loss, _ = policy_loss(logp, None, ref, adv, mask, loss_type=loss_type, beta=0.04, max_completion_length=5,
-                              num_items_in_batch=20, importance_sampling_level=level)
+                              num_items_in_batch=20, importance_sampling_level=level,
+                              epsilon_high=5.0 if loss_type == "cispo" else None)
         loss.backward()
         out[level] = (loss.detach(), logp.grad)
     torch.testing.assert_close(out["sequence"][0], out["token"][0])
@@ -479,10 +580,34 @@ def test_entropy_mask_as_weights_zeroes_the_policy_gradient_but_keeps_kl_and_den
     torch.testing.assert_close(logp.grad, full * kept)
 
 
+def test_off_policy_sequence_mask_by_hand():
+    # mean log-ratio sampling / current over completion tokens: seq 0 = (0.9 + 0.3) / 2 = 0.6, seq 1 = 0.6 too, seq 2
+    # = 0.1; the padding's 50 never counts and seq 3's NaN (an unscored token) counts as 0: (0 + 0.2) / 2 = 0.1
+    current = torch.zeros(4, 3)
+    sampled = torch.tensor([[0.9, 0.3, 50.0], [0.6, 0.6, 0.6], [0.1, 0.1, 0.1], [float("nan"), 0.2, 50.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([-1.0, 0.5, -0.3, -2.0])
+    keep = off_policy_sequence_mask(adv, current, sampled, mask, threshold=0.5)
+    # seq 0: negative advantage, 0.6 > 0.5: dropped; seq 1: 0.6 but a positive advantage: kept; seqs 2, 3: 0.1
+    assert keep.shape == (4, 1) and keep.squeeze(1).tolist() == [0.0, 1.0, 1.0, 1.0]
+    assert off_policy_sequence_mask(adv, current, sampled, mask, threshold=0.7).all()
+    with pytest.raises(ValueError, match="off_policy_mask_threshold=0 must be > 0"):
+        off_policy_sequence_mask(adv, current, sampled, mask, threshold=0)
+
+
 def test_loss_argument_errors():
     logp, old, adv, mask = two_sequences()
-    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo"):
+    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo"):
         policy_loss(logp, old, None, adv, mask, loss_type="ppo")
+    with pytest.raises(ValueError, match=r"'cispo' caps the importance weight itself at epsilon_high .*"
+                                         r"epsilon_high=0.28 would scale down even on-policy tokens"):
+        policy_loss(logp, old, None, adv, mask, loss_type="cispo", epsilon_high=0.28)
+    with pytest.raises(ValueError, match="epsilon_high=None"):
+        policy_loss(logp, old, None, adv, mask, loss_type="cispo")
+    with pytest.raises(ValueError, match="delta=2.0 caps the ratio of the clipped losses .* loss_type='sapo'"):
+        policy_loss(logp, old, None, adv, mask, loss_type="sapo", delta=2.0)
+    with pytest.raises(ValueError, match="sapo_temperature_pos=0.0 .* must be > 0"):
+        policy_loss(logp, old, None, adv, mask, loss_type="sapo", sapo_temperature_pos=0.0)
     with pytest.raises(ValueError, match="beta=0.1 > 0 needs ref_logp"):
         policy_loss(logp, old, None, adv, mask, beta=0.1)
     with pytest.raises(ValueError, match="dr_grpo.*max_completion_length"):

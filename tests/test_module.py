@@ -10,6 +10,7 @@ import torch
 from gainrl_pl.callbacks import GainRLScheduler
 from gainrl_pl.datamodules import GainRLDataModule, ScheduleSettings
 
+from gainrl_pl.grpo import token_entropy
 from gainrl_pl.models import LoraSettings, QuantizationSettings
 from gainrl_pl.module import GRPOModule
 
@@ -69,9 +70,12 @@ def assert_changed(before, module):
     return changed
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
 def test_fit_full_finetune_each_loss_type(tiny_model_dir, toy_data, tmp_path, loss_type):
-    module = make_module(tiny_model_dir, loss_type=loss_type)
+    # cispo, sapo and luspo with two passes per rollout, where their weights differ from the clip's
+    extra = {"cispo": dict(epsilon_high=5.0, num_iterations=2), "sapo": dict(num_iterations=2),
+             "luspo": dict(importance_sampling_level="sequence", num_iterations=2)}.get(loss_type, {})
+    module = make_module(tiny_model_dir, loss_type=loss_type, **extra)
     before = trainable_snapshot(module)
     trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path)
     assert trainer.global_step == 2
@@ -145,6 +149,90 @@ def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(tiny_model_dir, 
         share = float(w[mask].mean())
         assert 0.2 <= share <= 0.4, share  # the top quarter of this micro-batch's completion tokens (ties kept)
     assert 0.2 <= float(trainer.callback_metrics["train/entropy_kept_fraction"]) <= 0.4
+
+
+def test_bias_corrected_kl_reaches_the_loss(tiny_model_dir, toy_data, tmp_path, monkeypatch):
+    import gainrl_pl.module as module_lib
+
+    seen = []
+    real = module_lib.policy_loss
+
+    def spy(*args, **kwargs):
+        seen.append((kwargs["use_bias_correction_kl"], kwargs["beta"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    module = make_module(tiny_model_dir, beta=0.1, use_bias_correction_kl=True)
+    before = trainable_snapshot(module)
+    fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
+    assert_changed(before, module)
+    assert seen and all(flag is True and beta == 0.1 for flag, beta in seen)
+
+
+def test_off_policy_mask_drops_stale_negative_completions_in_the_second_pass(tiny_model_dir, toy_data, tmp_path,
+                                                                           monkeypatch):
+    """num_iterations 2 with a large step: the first pass is on-policy (nothing dropped), in the second the policy
+    has moved, and only negative-advantage completions are dropped from the policy term."""
+    import gainrl_pl.module as module_lib
+
+    calls = []
+    real = module_lib.policy_loss
+
+    def spy(*args, **kwargs):
+        calls.append((kwargs["sampling_weights"], args[3]))  # (weights, advantages)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    module = make_module(tiny_model_dir, off_policy_mask_threshold=1e-3, num_iterations=2, learning_rate=5e-2)
+    trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=2)
+    first, second = calls[0], calls[1]  # one micro-batch per pass
+    assert first[0].squeeze(1).tolist() == [1.0] * 16
+    dropped = second[0].squeeze(1) == 0
+    assert dropped.any() and (second[1][dropped] < 0).all()
+    assert float(trainer.callback_metrics["train/off_policy_masked_fraction"]) > 0
+
+
+def constant_reward(prompts, completions, **columns):
+    return [1.0] * len(completions)
+
+
+class GradientsBeforeStep(pl.Callback):
+    def __init__(self):
+        self.grads = []
+
+    def on_before_optimizer_step(self, trainer, module, optimizer):
+        self.grads.append({n: p.grad.detach().clone() for n, p in module.policy.named_parameters()
+                           if p.grad is not None})
+
+
+def test_entropy_coef_is_a_token_mean_over_the_step_and_its_sign_moves_entropy(tiny_model_dir, toy_data, tmp_path):
+    """A constant reward gives zero advantages: the entropy bonus is the only gradient. It is the same however the
+    step is micro-batched (a mean over the step's tokens), absent at entropy_coef 0, and a negative coefficient
+    (a penalty) lowers the policy's entropy."""
+    def step_gradients(**kw):
+        spy = GradientsBeforeStep()
+        module = make_module(tiny_model_dir, rewards=[constant_reward], max_grad_norm=0.0, **kw)
+        fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1,
+            callbacks=[GainRLScheduler(use_cache=False), spy])
+        return spy.grads[0]
+
+    whole = step_gradients(entropy_coef=0.5)
+    assert whole and any(g.abs().max() > 0 for g in whole.values())
+    split = step_gradients(entropy_coef=0.5, micro_batch_size=4)  # 16 completions in 4 micro-batches
+    for name, grad in whole.items():
+        torch.testing.assert_close(split[name], grad, atol=1e-6, rtol=1e-4)
+    assert all(not g.any() for g in step_gradients(entropy_coef=0.0).values())
+
+    def mean_entropy(module):
+        ids = torch.arange(3, 43).reshape(2, 20)
+        with torch.no_grad():
+            logits = module.policy(input_ids=ids).logits
+        return float(token_entropy(logits).mean())
+
+    module = make_module(tiny_model_dir, rewards=[constant_reward], entropy_coef=-1.0, learning_rate=1e-3)
+    start = mean_entropy(module)
+    fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=3)
+    assert mean_entropy(module) < start - 1e-3
 
 
 def length_reward(prompts, completions, **columns):
@@ -324,6 +412,18 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, ref_model_mixup_alpha=1.2)
     with pytest.raises(ValueError, match="ref_model_sync_steps=0 >= 1"):
         make_module(tiny_model_dir, ref_model_sync_steps=0)
+    with pytest.raises(ValueError, match="'cispo' caps the importance weight itself at epsilon_high"):
+        make_module(tiny_model_dir, loss_type="cispo")
+    with pytest.raises(ValueError, match="delta=1.5 caps the ratio of the clipped losses"):
+        make_module(tiny_model_dir, loss_type="sapo", delta=1.5)
+    with pytest.raises(ValueError, match="sapo_temperature_pos=1.0 and sapo_temperature_neg=-1.0 must be > 0"):
+        make_module(tiny_model_dir, sapo_temperature_neg=-1.0)
+    with pytest.warns(UserWarning, match="loss_type='luspo' is meant for importance_sampling_level='sequence'"):
+        make_module(tiny_model_dir, loss_type="luspo")
+    with pytest.raises(ValueError, match="off_policy_mask_threshold=0.0 must be > 0"):
+        make_module(tiny_model_dir, off_policy_mask_threshold=0.0)
+    with pytest.raises(ValueError, match="entropy_coef=nan must be a finite number"):
+        make_module(tiny_model_dir, entropy_coef=float("nan"))
     with pytest.raises(ValueError, match="lora.target_modules"):
         make_module(tiny_model_dir, lora=LoraSettings(target_modules=["nonexistent_proj"]))
     with pytest.raises(ValueError, match="quantization .* needs lora"):
