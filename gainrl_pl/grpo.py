@@ -461,6 +461,16 @@ def off_policy_sequence_mask(advantages: Tensor, logp: Tensor, sampling_logp: Te
     return keep.float()
 
 
+def adaptive_entropy_coef(coef: float, entropy: float, *, target: float, delta: float, minimum: float,
+                          maximum: float) -> float:
+    """Skywork-OR1's entropy controller (TRL's `use_adaptive_entropy`), one optimizer step: raise the coefficient
+    by `delta` while the step's mean token entropy is at or below `target`, lower it otherwise, within
+    [`minimum`, `maximum`]. The bonus itself applies only while the last measured entropy is at or below `target`."""
+    if entropy <= target:
+        return min(coef + delta, maximum)
+    return max(coef - delta, minimum)
+
+
 def policy_loss(
     logp: Tensor,
     old_logp: Tensor | None,

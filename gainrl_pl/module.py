@@ -34,6 +34,7 @@ from gainrl_pl.evaluation.metrics import pass_at_k
 from gainrl_pl.grpo import (
     GLOBAL_TOKEN_LOSS_TYPES,
     MULTI_OBJECTIVE_AGGREGATIONS,
+    adaptive_entropy_coef,
     batch_normalize,
     check_importance_sampling_level,
     check_loss_options,
@@ -182,7 +183,18 @@ class GRPOModule(pl.LightningModule):
         entropy_coef: Entropy bonus (TRL's, verl's `entropy_coeff`): the loss minus this times the mean token
             entropy of the optimizer step's completions (all ranks, however micro-batched), which keeps the policy
             from collapsing to near-deterministic outputs. 0 = off; any `loss_type`. With `top_entropy_quantile`
-            < 1 it still counts every completion token (TRL's counts the kept ones only).
+            < 1 it still counts every completion token (TRL's counts the kept ones only). With
+            `use_adaptive_entropy`, the starting coefficient. Logged as `train/entropy_coef` while a bonus is on.
+        use_adaptive_entropy: Skywork-OR1's entropy control (TRL's name): after each optimizer step the coefficient
+            rises by `entropy_coef_delta` if the step's mean token entropy (all ranks) was at or below
+            `entropy_target`, else falls by it, within [`entropy_coef_min`, `entropy_coef_max`]; the bonus
+            applies only while the last step's entropy was at or below the target (so never on the first step).
+            The controller's state is saved in checkpoints.
+        entropy_target: Target mean token entropy in nats. Set it near the `train/entropy` of the first steps:
+            TRL's default 0.2 acts only on a near-collapsed policy.
+        entropy_coef_delta: The coefficient's change per optimizer step.
+        entropy_coef_min: Lower bound of the adaptive coefficient.
+        entropy_coef_max: Upper bound of the adaptive coefficient.
         sync_ref_model: Move the reference toward the policy during training (TRL's option, TR-DPO's update):
             every `ref_model_sync_steps` optimizer steps, ref <- alpha * policy + (1 - alpha) * ref. Needs `beta` > 0
             and full fine-tuning (with LoRA the reference is the base model, adapters off). The moved reference
@@ -273,6 +285,11 @@ class GRPOModule(pl.LightningModule):
         off_policy_mask_threshold: float | None = None,
         use_bias_correction_kl: bool = False,
         entropy_coef: float = 0.0,
+        use_adaptive_entropy: bool = False,
+        entropy_target: float = 0.2,
+        entropy_coef_delta: float = 0.005,
+        entropy_coef_min: float = 0.0,
+        entropy_coef_max: float = 1.0,
         sync_ref_model: bool = False,
         ref_model_mixup_alpha: float = 0.6,
         ref_model_sync_steps: int = 512,
@@ -327,6 +344,11 @@ class GRPOModule(pl.LightningModule):
                              "(off)")
         if not math.isfinite(entropy_coef):
             raise ValueError(f"entropy_coef={entropy_coef} must be a finite number (0 = no entropy bonus)")
+        if use_adaptive_entropy and not (entropy_coef_delta > 0 and entropy_coef_min <= entropy_coef <= entropy_coef_max
+                                         and entropy_target > 0):
+            raise ValueError(f"use_adaptive_entropy needs entropy_coef_delta > 0 (now {entropy_coef_delta}), "
+                             f"entropy_target > 0 (now {entropy_target}) and entropy_coef_min <= entropy_coef <= "
+                             f"entropy_coef_max (now {entropy_coef_min} <= {entropy_coef} <= {entropy_coef_max})")
         check_importance_sampling_level(importance_sampling_level)
         if not 0 < top_entropy_quantile <= 1:
             raise ValueError(f"top_entropy_quantile={top_entropy_quantile} must be in (0, 1]: the share of completion "
@@ -397,6 +419,10 @@ class GRPOModule(pl.LightningModule):
         self.completion_logger = CompletionLogger()
         self.nonfinite_in_a_row = 0  # rollouts in a row with a skipped (non-finite) optimizer step
         self.nonfinite_total = 0  # optimizer steps skipped over the run
+        # the entropy bonus's coefficient now, and the mean token entropy of the last optimizer step (adaptive control:
+        # inf until measured, so the first step applies no bonus, as TRL)
+        self.entropy_coef_now = float(entropy_coef)
+        self.last_step_entropy = float("inf")
         # Stops refilling at the cap without raising: whether to raise is decided with all ranks' counts
         # (agree_on_group_count), so that no rank raises alone.
         self.group_filter = GroupFilter(max_extra_rounds=max_extra_generation_rounds)
@@ -538,13 +564,15 @@ class GRPOModule(pl.LightningModule):
         skipped = 0
         t0 = _now()
         entropy_filter = hp.top_entropy_quantile < 1
-        entropy_bonus = hp.entropy_coef != 0
+        entropy_bonus = hp.entropy_coef != 0 or hp.use_adaptive_entropy
         global_denominator = hp.loss_type in GLOBAL_TOKEN_LOSS_TYPES
         for iteration in range(hp.num_iterations):
             for mb in mini_batches:
                 global_tokens = self._global_token_count(loss_mask[mb])
                 micro = _split_by_size(mb, hp.micro_batch_size)
                 losses: list[float] = []  # this mini-batch's: a NaN here must not skip the rollout's later steps
+                coef = self._entropy_coef_to_apply() if entropy_bonus else 0.0
+                step_entropy_sum = torch.zeros((), device=self.device)
                 for k, idx in enumerate(micro):
                     # the angle signal rides on the first pass's forwards: each completion seen once, no extra forward
                     with self.angle_probe.capture(attention[idx], enabled=iteration == 0):
@@ -584,7 +612,8 @@ class GRPOModule(pl.LightningModule):
                     objective = loss
                     if entropy_bonus:  # a mean over the mini-batch's tokens on all ranks (DDP averages the ranks)
                         entropy_sum = (entropy * loss_mask[idx]).sum()
-                        objective = loss - hp.entropy_coef * entropy_sum * self.trainer.world_size / global_tokens
+                        objective = loss - coef * entropy_sum * self.trainer.world_size / global_tokens
+                        step_entropy_sum += entropy_sum.detach()
                     self.manual_backward(objective)
                     train_tokens += int(attention[idx].sum())
                     metrics["loss"] = loss.detach() * (1 if global_denominator else len(micro))
@@ -598,6 +627,8 @@ class GRPOModule(pl.LightningModule):
                         step_metrics.setdefault(key, []).append(float(value))
                     losses.append(float(metrics["loss"]))
                 skipped += not self._optimizer_step(opt, sched, step_metrics, losses)
+                if entropy_bonus:
+                    self._update_entropy_coef(step_entropy_sum, global_tokens, step_metrics)
         self._count_nonfinite_rollout(skipped)
         if is_stats:
             self._log_importance_stats(is_stats, step_metrics)
@@ -649,6 +680,25 @@ class GRPOModule(pl.LightningModule):
         opt.zero_grad(set_to_none=True)
         step_metrics.setdefault("grad_norm", []).append(float(grad_norm))
         return finite
+
+    def _entropy_coef_to_apply(self) -> float:
+        hp = self.hparams
+        if not hp.use_adaptive_entropy:
+            return hp.entropy_coef
+        return self.entropy_coef_now if self.last_step_entropy <= hp.entropy_target else 0.0
+
+    def _update_entropy_coef(self, entropy_sum: torch.Tensor, global_tokens: float, step_metrics) -> None:
+        """After an optimizer step: log the coefficient it applied and, with adaptive control, move it for the next
+        step from this step's mean token entropy over all ranks (a collective: every rank calls it)."""
+        hp = self.hparams
+        step_metrics.setdefault("entropy_coef", []).append(self._entropy_coef_to_apply())
+        if not hp.use_adaptive_entropy:
+            return
+        total = sum_over_ranks(entropy_sum.float(), self.trainer.strategy, self.trainer.world_size)
+        self.last_step_entropy = float(total) / global_tokens
+        self.entropy_coef_now = adaptive_entropy_coef(
+            self.entropy_coef_now, self.last_step_entropy, target=hp.entropy_target, delta=hp.entropy_coef_delta,
+            minimum=hp.entropy_coef_min, maximum=hp.entropy_coef_max)
 
     def _count_nonfinite_rollout(self, skipped: int) -> None:
         """Stop after `max_consecutive_nonfinite` rollouts in a row that each skipped a step.
@@ -920,6 +970,7 @@ class GRPOModule(pl.LightningModule):
             del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
         checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
+        checkpoint["gainrl_entropy_control"] = {"coef": self.entropy_coef_now, "last_entropy": self.last_step_entropy}
         # Saved at a batch end, these are the states the next rollout starts sampling from, one per rank (a
         # collective: Lightning builds the checkpoint on every rank and writes rank 0's).
         checkpoint[RNG_CHECKPOINT_KEY] = collect_rng_states_of_all_ranks()
@@ -929,6 +980,9 @@ class GRPOModule(pl.LightningModule):
                                      self._checkpoint_keys(self.state_dict().keys()))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
+        control = checkpoint.get("gainrl_entropy_control")
+        if control is not None:
+            self.entropy_coef_now, self.last_step_entropy = float(control["coef"]), float(control["last_entropy"])
         self._pending_rng_states = checkpoint.get(RNG_CHECKPOINT_KEY)
         self._engine_weights_version = None  # the loaded weights must reach the rollout engine
 

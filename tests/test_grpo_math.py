@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from gainrl_pl.grpo import (
     LOSS_TYPES,
+    adaptive_entropy_coef,
     batch_normalize,
     compute_advantages,
     high_entropy_mask,
@@ -593,6 +594,15 @@ def test_off_policy_sequence_mask_by_hand():
     assert off_policy_sequence_mask(adv, current, sampled, mask, threshold=0.7).all()
     with pytest.raises(ValueError, match="off_policy_mask_threshold=0 must be > 0"):
         off_policy_sequence_mask(adv, current, sampled, mask, threshold=0)
+
+
+def test_adaptive_entropy_coef_by_hand():
+    bounds = dict(target=1.0, delta=0.1, minimum=0.0, maximum=0.25)
+    assert adaptive_entropy_coef(0.1, 0.5, **bounds) == pytest.approx(0.2)  # at or below the target: up
+    assert adaptive_entropy_coef(0.1, 1.0, **bounds) == pytest.approx(0.2)
+    assert adaptive_entropy_coef(0.2, 0.5, **bounds) == 0.25  # capped at the maximum
+    assert adaptive_entropy_coef(0.1, 1.5, **bounds) == pytest.approx(0.0)  # above: down
+    assert adaptive_entropy_coef(0.05, 1.5, **bounds) == 0.0  # floored at the minimum
 
 
 def test_loss_argument_errors():

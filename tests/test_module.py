@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 
 import lightning.pytorch as pl
 import pytest
@@ -235,6 +236,42 @@ def test_entropy_coef_is_a_token_mean_over_the_step_and_its_sign_moves_entropy(t
     assert mean_entropy(module) < start - 1e-3
 
 
+@pytest.mark.parametrize("target, expected_coefs", [(100.0, [0.0, 0.15, 0.2]), (1e-6, [0.0, 0.0, 0.0])])
+def test_adaptive_entropy_moves_the_coefficient_and_resumes_it(tiny_model_dir, toy_data, tmp_path, target,
+                                                             expected_coefs):
+    """Entropy always below a target of 100 nats: the coefficient rises by delta each step (0.1 -> 0.15 -> 0.2 ->
+    0.25) and applies from step 2 (step 1 has no measurement yet); always above a target of 1e-6: it falls to the
+    minimum and never applies. A resume after step 2 continues the controller where it was."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    class AppliedCoefs(pl.Callback):
+        def __init__(self):
+            self.values = []
+
+        def on_train_batch_end(self, trainer, module, *args):
+            self.values.append(float(trainer.callback_metrics["train/entropy_coef"]))
+
+    settings = dict(use_adaptive_entropy=True, entropy_coef=0.1, entropy_coef_delta=0.05, entropy_coef_max=0.25,
+                    entropy_target=target)
+    module = make_module(tiny_model_dir, **settings)
+    applied = AppliedCoefs()
+    ckpt_dir = tmp_path / "ckpt"
+    fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=3, enable_checkpointing=True,
+        callbacks=[GainRLScheduler(use_cache=False), applied,
+                   ModelCheckpoint(dirpath=ckpt_dir, every_n_train_steps=1, save_top_k=-1)])
+    assert applied.values == pytest.approx(expected_coefs)
+    assert module.entropy_coef_now == pytest.approx(0.25 if target > 1 else 0.0)
+    assert math.isfinite(module.last_step_entropy) and module.last_step_entropy > 0
+
+    (step2,) = ckpt_dir.glob("*step=2.ckpt")
+    resumed = make_module(tiny_model_dir, **settings)
+    applied_after = AppliedCoefs()
+    fit(resumed, make_datamodule(tiny_model_dir, toy_data), tmp_path / "resumed", max_steps=3, ckpt_path=str(step2),
+        callbacks=[GainRLScheduler(use_cache=False), applied_after])
+    assert applied_after.values == pytest.approx(expected_coefs[2:])
+    assert resumed.entropy_coef_now == pytest.approx(module.entropy_coef_now)
+
+
 def length_reward(prompts, completions, **columns):
     """A second objective on another scale: completion length in characters."""
     return [float(len(c)) for c in completions]
@@ -422,6 +459,9 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
         make_module(tiny_model_dir, loss_type="luspo")
     with pytest.raises(ValueError, match="off_policy_mask_threshold=0.0 must be > 0"):
         make_module(tiny_model_dir, off_policy_mask_threshold=0.0)
+    with pytest.raises(ValueError, match=r"use_adaptive_entropy needs .* entropy_coef_min <= entropy_coef <= "
+                                         r"entropy_coef_max \(now 0.0 <= 2.0 <= 1.0\)"):
+        make_module(tiny_model_dir, use_adaptive_entropy=True, entropy_coef=2.0)
     with pytest.raises(ValueError, match="entropy_coef=nan must be a finite number"):
         make_module(tiny_model_dir, entropy_coef=float("nan"))
     with pytest.raises(ValueError, match="lora.target_modules"):

@@ -96,7 +96,7 @@ def test_logprobs_and_entropy_in_one_pass_match_the_separate_functions():
         logp, entropy = token_logprobs_and_entropy(logits, ids, temperature=0.8, chunk_size=chunk)
         torch.testing.assert_close(logp, token_logprobs(logits, ids, temperature=0.8, chunk_size=chunk))
         torch.testing.assert_close(entropy, token_entropy(logits, temperature=0.8, chunk_size=chunk))
-        assert not entropy.requires_grad
+        assert entropy.requires_grad  # differentiable for entropy_coef; its gradient is checked in test_grpo_math
         weights = torch.randn(3, 5, generator=g)
         (grad,) = torch.autograd.grad((logp * weights).sum(), logits)
         (want,) = torch.autograd.grad((token_logprobs(logits, ids, temperature=0.8) * weights).sum(), logits)
