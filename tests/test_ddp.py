@@ -43,7 +43,7 @@ def run_ddp(tiny_model_dir, data, out, *extra, timeout=300):
     return ranks
 
 
-MODES = {"full": [], "lora": ["--lora"], "dynamic_sampling": ["--dynamic-sampling"]}
+MODES = {"full": ["--kl-and-entropy-control"], "lora": ["--lora"], "dynamic_sampling": ["--dynamic-sampling"]}
 
 
 @pytest.mark.parametrize("mode", list(MODES))
@@ -75,6 +75,11 @@ def test_two_rank_ddp_grpo(tiny_model_dir, ddp_data, tmp_path, mode):
     assert r0["val"]["val/accuracy"] == pytest.approx(sum(union) / len(union), abs=1e-6)
     if mode == "dynamic_sampling":
         assert_dynamic_sampling_agreed(r0, r1)
+    if mode == "full":  # sync_ref_model moved the reference the same way on both ranks; the entropy controller saw
+        # the same all-rank entropy each step, so its coefficient rose by delta on every one of the 5 steps
+        assert r0["reference_sha256"] == r1["reference_sha256"]
+        assert r0["last_step_entropy"] == r1["last_step_entropy"] > 0
+        assert r0["entropy_coef_now"] == r1["entropy_coef_now"] == pytest.approx(0.01 + 5 * 0.005)
 
 
 def test_two_rank_ddp_each_rank_samples_on_its_own_vllm_engine(tmp_path_factory, ddp_data, tmp_path):
