@@ -11,8 +11,8 @@ TRL's `GRPOTrainer` (trl 1.x) so its users find the knobs they know:
 - `policy_loss`: the PPO clipped surrogate per token with DAPO's asymmetric clip (`epsilon_high`, Yu et al.
   2025), optional two-sided clipping (`delta`), the k3 KL estimator to a reference (Schulman 2020), and the
   aggregations `grpo`, `bnpo`, `dr_grpo`, `dapo` and `luspo` (per-completion sums); or instead of the clip,
-  CISPO's capped, detached importance weight (MiniMax 2025) or SAPO's soft gate (Gao et al. 2025), as TRL's
-  loss types of those names.
+  CISPO's capped, detached importance weight (MiniMax 2025), SAPO's soft gate (Gao et al. 2025) or VESPO's
+  sequence weight (2026), as TRL's loss types of those names.
 """
 
 from __future__ import annotations
@@ -23,9 +23,9 @@ import torch
 from torch import Tensor
 
 SCALE_REWARDS = ("group", "batch", "none")
-LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo")
+LOSS_TYPES = ("grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo")
 # Loss types whose loss divides by the token count of the whole optimizer step (all micro-batches, all ranks)
-GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo")
+GLOBAL_TOKEN_LOSS_TYPES = ("dapo", "cispo", "vespo")
 IS_LEVELS = ("token", "sequence")  # the policy ratio (GRPO / GSPO) and the engine correction
 MULTI_OBJECTIVE_AGGREGATIONS = ("sum_then_normalize", "normalize_then_sum")
 
@@ -52,7 +52,7 @@ def check_loss_options(loss_type: str, epsilon_high: float | None, delta: float 
         raise ValueError(f"loss_type='cispo' caps the importance weight itself at epsilon_high (TRL's and ScaleRL's "
                          f"epsilon_max; 5.0 is recommended), so epsilon_high={epsilon_high} would scale down even "
                          "on-policy tokens: set epsilon_high >= 1")
-    if delta is not None and loss_type in ("cispo", "sapo"):
+    if delta is not None and loss_type in ("cispo", "sapo", "vespo"):
         raise ValueError(f"delta={delta} caps the ratio of the clipped losses (grpo, bnpo, dr_grpo, dapo, luspo); "
                          f"loss_type={loss_type!r} has no such term: unset delta")
 
@@ -64,6 +64,30 @@ def sapo_gate(ratio: Tensor, temperature: Tensor | float) -> Tensor:
     would cut the gradient off at once. A larger tau fades faster.
     """
     return torch.sigmoid(temperature * (ratio - 1)) * 4 / temperature
+
+
+@torch.no_grad()
+def vespo_weights(log_ratio: Tensor, completion_mask: Tensor, advantages: Tensor, *, k_pos: float = 2.0,
+                  lambda_pos: float = 3.0, k_neg: float = 3.0, lambda_neg: float = 2.0,
+                  engine_weights: Tensor | None = None) -> Tensor:
+    """VESPO's `(B, 1)` sequence weights (TRL's `loss_type="vespo"`): phi(w) = exp(lambda) * w^k * exp(-lambda * w),
+    so phi(1) = 1, with w = exp(sum over the completion's tokens of log pi / pi_old), the sequence's ratio (a sum,
+    not GSPO's mean), times the product of the rollout engine's importance weights when given (`engine_weights`,
+    `(B, T)` or `(B, 1)`: folded into w instead of multiplying each token). k and lambda are the `_pos` pair for
+    A >= 0 and the `_neg` pair otherwise. Computed in log space, each log clamped to [log 1e-8, 20] as TRL does;
+    a weight that overflows counts 0. No gradient: phi only scales the score-function gradient A * grad log pi.
+    """
+    mask = completion_mask.bool()
+    lower = math.log(1e-8)
+    seq = torch.where(mask, log_ratio.float().clamp(-20.0, 20.0), 0.0).sum(dim=1, keepdim=True)
+    if engine_weights is not None:
+        log_engine = torch.log(engine_weights.float()).clamp(lower, 20.0)
+        seq = seq + (log_engine if log_engine.shape[1] == 1 else torch.where(mask, log_engine, 0.0).sum(1, keepdim=True))
+    log_w = seq.clamp(lower, 20.0)
+    nonneg = advantages.reshape(-1, 1) >= 0
+    k = torch.where(nonneg, k_pos, k_neg)
+    lam = torch.where(nonneg, lambda_pos, lambda_neg).clamp(min=1e-4)
+    return torch.exp(lam + k * log_w - lam * torch.exp(log_w)).nan_to_num(nan=0.0, posinf=0.0, neginf=0.0)
 
 
 def check_importance_sampling_level(level: str) -> str:
@@ -490,6 +514,11 @@ def policy_loss(
     sapo_temperature_pos: float = 1.0,
     sapo_temperature_neg: float = 1.05,
     use_bias_correction_kl: bool = False,
+    loss_weights: Tensor | None = None,
+    vespo_k_pos: float = 2.0,
+    vespo_lambda_pos: float = 3.0,
+    vespo_k_neg: float = 3.0,
+    vespo_lambda_neg: float = 2.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """GRPO's clipped policy-gradient loss (TRL's `GRPOTrainer` semantics).
 
@@ -518,6 +547,8 @@ def policy_loss(
             otherwise (aggregated as `grpo`). On-policy both have GRPO's gradient. `luspo` (LUSPO, 2026): the
             clipped term, summed over each completion's tokens and averaged over completions, so a sequence-level
             ratio (`importance_sampling_level="sequence"`, the paper's setup) weighs each completion by its length.
+            `vespo` (VESPO, 2026): loss_t = -sg(phi_i) * A * logp_t with `vespo_weights`' smooth sequence weight
+            instead of a clip, aggregated as `dapo`; it reads token ratios whatever `importance_sampling_level` says.
         epsilon: Lower clip range: the ratio is clipped below at 1 - epsilon.
         epsilon_high: Upper clip range (DAPO's clip-higher, e.g. 0.28); `None` = `epsilon`. With `cispo`, the cap
             of the importance weight itself (required, >= 1; 5.0 in ScaleRL).
@@ -543,6 +574,11 @@ def policy_loss(
             or several optimizer steps per rollout). GSPO's clip ranges are far smaller (3e-4 / 4e-4).
         sapo_temperature_pos: SAPO's tau for tokens with a positive advantage (TRL's default 1.0).
         sapo_temperature_neg: SAPO's tau for the others (TRL's default 1.05: negative tokens fade faster).
+        loss_weights: `(B, T)` or `(B, 1)` weights that take tokens or completions out of the policy term (the
+            high-entropy mask, the off-policy sequence mask): multiplied in like `sampling_weights`, but never
+            folded into VESPO's sequence weight.
+        vespo_k_pos, vespo_lambda_pos, vespo_k_neg, vespo_lambda_neg: VESPO's shape and decay for A >= 0 and A < 0
+            (TRL's defaults 2, 3, 3, 2).
         use_bias_correction_kl: Multiply each token's KL term by the policy ratio r (DeepSeek-V3.2; TRL's name):
             its value is unchanged on-policy (r = 1) but r's own gradient is added, which makes the k3 term's
             gradient the unbiased gradient of KL(pi || ref). Off (the plain k3 term) keeps GRPO's form.
@@ -551,9 +587,9 @@ def policy_loss(
         `(loss, metrics)`: the scalar float32 loss, and detached scalar metrics: `clip_fraction_low`
         (ratio < 1 - epsilon with A < 0), `clip_fraction_high` (ratio > 1 + epsilon_high with A > 0),
         `clip_fraction` (either: the tokens whose gradient the clip removed; for `cispo` the tokens whose weight
-        the cap lowered, all under `high`; for `sapo`, which clips nothing, the tokens outside the clip range
-        the others would use), `ratio_mean`, and `kl` (the
-        masked token mean of the k3 estimate) whenever `ref_logp` is given. Means are over completion
+        the cap lowered, all under `high`; for `sapo` and `vespo`, which clip nothing, the tokens outside the
+        clip range the others would use), `ratio_mean`, `kl` (the masked token mean of the k3 estimate) whenever
+        `ref_logp` is given, and for `vespo` `vespo_phi_mean` (over completions). Means are over completion
         tokens; an all-zero mask gives 0 everywhere, never NaN.
 
     Raises:
@@ -599,12 +635,18 @@ def policy_loss(
     elif loss_type == "sapo":
         tau = torch.where(adv > 0, sapo_temperature_pos, sapo_temperature_neg)
         per_token = -sapo_gate(ratio, tau) * adv
+    elif loss_type == "vespo":
+        phi = vespo_weights(logp - old, mask, adv, k_pos=vespo_k_pos, lambda_pos=vespo_lambda_pos, k_neg=vespo_k_neg,
+                            lambda_neg=vespo_lambda_neg, engine_weights=sampling_weights)
+        per_token = -phi * adv * torch.where(mask, logp, 0.0)
     else:
         clipped = torch.clamp(ratio, 1 - epsilon, 1 + eps_high)
         unclipped = ratio if delta is None else torch.clamp(ratio, max=delta)
         per_token = -torch.minimum(unclipped * adv, clipped * adv)
-    if sampling_weights is not None:
+    if sampling_weights is not None and loss_type != "vespo":  # VESPO folds them into its sequence weight
         per_token = per_token * sampling_weights.float()
+    if loss_weights is not None:
+        per_token = per_token * loss_weights.float()
 
     kl = None
     if ref_logp is not None:
@@ -647,6 +689,9 @@ def policy_loss(
         }
         if kl is not None:
             metrics["kl"] = masked_mean(kl, mask)
+        if loss_type == "vespo":
+            rows = mask.any(dim=1, keepdim=True)
+            metrics["vespo_phi_mean"] = masked_mean(phi, rows)
     return loss, {k: v.detach() for k, v in metrics.items()}
 
 

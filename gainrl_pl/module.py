@@ -153,10 +153,16 @@ class GRPOModule(pl.LightningModule):
             or, instead of the clipped ratio, `cispo` (MiniMax-M1: the ratio capped at `epsilon_high`, which must be
             set >= 1, e.g. 5.0, as a weight without gradient, so no token loses its gradient; aggregated as
             `dapo`) or `sapo` (SAPO: a soft gate that fades off-policy tokens' gradient instead of cutting it;
-            aggregated as `grpo`), or `luspo` (LUSPO: the clipped loss summed over each completion, then averaged;
-            meant for `importance_sampling_level: sequence`). TRL's names and aggregations.
+            aggregated as `grpo`), `luspo` (LUSPO: the clipped loss summed over each completion, then averaged;
+            meant for `importance_sampling_level: sequence`), or `vespo` (VESPO: a smooth weight of each
+            completion's ratio instead of a clip, `vespo_*` below; aggregated as `dapo`; the vLLM importance
+            weights are folded into that weight). TRL's names and aggregations.
         sapo_temperature_pos: SAPO's gate temperature for tokens with a positive advantage (TRL's default).
         sapo_temperature_neg: SAPO's gate temperature for the others; higher fades faster (TRL's default).
+        vespo_k_pos: VESPO's power k for completions with advantage >= 0: how fast weights fall below ratio 1.
+        vespo_lambda_pos: VESPO's decay lambda for advantage >= 0: how fast weights fall above ratio 1.
+        vespo_k_neg: VESPO's k for negative advantages.
+        vespo_lambda_neg: VESPO's lambda for negative advantages.
         scale_rewards: Advantage scaling: `group` std, `batch` std (of every completion on all DDP ranks, as TRL),
             or `none` (Dr. GRPO).
         epsilon: Lower clipping range of the probability ratio.
@@ -275,6 +281,10 @@ class GRPOModule(pl.LightningModule):
         loss_type: str = "dapo",
         sapo_temperature_pos: float = 1.0,
         sapo_temperature_neg: float = 1.05,
+        vespo_k_pos: float = 2.0,
+        vespo_lambda_pos: float = 3.0,
+        vespo_k_neg: float = 3.0,
+        vespo_lambda_neg: float = 2.0,
         scale_rewards: str = "group",
         epsilon: float = 0.2,
         epsilon_high: float | None = None,
@@ -336,6 +346,12 @@ class GRPOModule(pl.LightningModule):
         if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
             raise ValueError(f"sapo_temperature_pos={sapo_temperature_pos} and sapo_temperature_neg="
                              f"{sapo_temperature_neg} must be > 0")
+        if min(vespo_k_pos, vespo_k_neg) < 0 or min(vespo_lambda_pos, vespo_lambda_neg) <= 0:
+            raise ValueError(f"VESPO needs vespo_k_pos/neg >= 0 and vespo_lambda_pos/neg > 0 (now {vespo_k_pos}, "
+                             f"{vespo_k_neg}, {vespo_lambda_pos}, {vespo_lambda_neg})")
+        if loss_type == "vespo" and importance_sampling_level != "token":
+            rank_zero_warn("loss_type='vespo' weighs each completion by its own sequence ratio; "
+                           f"importance_sampling_level={importance_sampling_level!r} does not apply to it")
         if loss_type == "luspo" and importance_sampling_level != "sequence":
             rank_zero_warn("loss_type='luspo' is meant for importance_sampling_level='sequence' (the LUSPO paper's "
                            "setup); with token-level ratios it is the clipped loss summed over each completion")
@@ -588,15 +604,16 @@ class GRPOModule(pl.LightningModule):
                     weights = None if is_weights is None else is_weights[idx]
                     if correct and old_logp is None:  # this forward is the sampling policy's (see above)
                         weights = self._importance_weights(logp.detach(), rollout, loss_mask, idx, is_stats)
-                    if entropy_filter:  # the policy term only: weights multiply it, not the KL or the denominator
+                    mask_weights = None  # the policy term only: they multiply it, not the KL or the denominator
+                    if entropy_filter:
                         kept = high_entropy_mask(entropy, loss_mask[idx], hp.top_entropy_quantile)
-                        weights = kept.float() if weights is None else weights * kept
-                    if hp.off_policy_mask_threshold is not None:  # the policy term only, as the entropy mask
+                        mask_weights = kept.float()
+                    if hp.off_policy_mask_threshold is not None:
                         sampled = (rollout.sampling_logprobs[idx].to(logp.device) if rollout.sampling_logprobs
                                    is not None else logp.detach() if old_logp is None else old_logp[idx])
                         keep = off_policy_sequence_mask(advantages[idx], logp, sampled, loss_mask[idx],
                                                         hp.off_policy_mask_threshold)
-                        weights = keep if weights is None else weights * keep
+                        mask_weights = keep if mask_weights is None else mask_weights * keep
                     loss, metrics = policy_loss(
                         logp, None if old_logp is None else old_logp[idx], None if ref_logp is None else ref_logp[idx],
                         advantages[idx], loss_mask[idx], loss_type=hp.loss_type, epsilon=hp.epsilon,
@@ -604,7 +621,9 @@ class GRPOModule(pl.LightningModule):
                         importance_sampling_level=hp.importance_sampling_level,
                         max_completion_length=hp.max_completion_length,
                         num_items_in_batch=global_tokens / self.trainer.world_size,
-                        sampling_weights=weights, sapo_temperature_pos=hp.sapo_temperature_pos,
+                        sampling_weights=weights, loss_weights=mask_weights, vespo_k_pos=hp.vespo_k_pos,
+                        vespo_lambda_pos=hp.vespo_lambda_pos, vespo_k_neg=hp.vespo_k_neg,
+                        vespo_lambda_neg=hp.vespo_lambda_neg, sapo_temperature_pos=hp.sapo_temperature_pos,
                         sapo_temperature_neg=hp.sapo_temperature_neg,
                         use_bias_correction_kl=hp.use_bias_correction_kl)
                     if not global_denominator:  # dapo/cispo already divide by the whole mini-batch's tokens

@@ -23,6 +23,7 @@ from gainrl_pl.grpo import (
     token_entropy,
     token_logprobs,
     token_logprobs_and_entropy,
+    vespo_weights,
 )
 
 EPS = 1e-4  # TRL's std epsilon, the default of compute_advantages
@@ -335,7 +336,7 @@ def test_sapo_by_hand():
     assert -logp2.grad.item() == pytest.approx(3 * 4 * sig * (1 - sig), rel=1e-5)
 
 
-@pytest.mark.parametrize("loss_type, same_as", [("cispo", "dapo"), ("sapo", "grpo")])
+@pytest.mark.parametrize("loss_type, same_as", [("cispo", "dapo"), ("sapo", "grpo"), ("vespo", "dapo")])
 def test_cispo_and_sapo_have_the_grpo_gradient_on_policy(loss_type, same_as):
     gen = torch.Generator().manual_seed(1)
     base = -torch.rand(3, 4, generator=gen) * 3
@@ -348,6 +349,42 @@ def test_cispo_and_sapo_have_the_grpo_gradient_on_policy(loss_type, same_as):
                     num_items_in_batch=9)[0].backward()
         grads.append(logp.grad)
     torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_vespo_weights_by_hand():
+    # phi(w) = e^lambda * w^k * e^(-lambda w): A >= 0 uses (k, lambda) = (2, 3), A < 0 uses (3, 2); w is the product
+    # of the completion's token ratios (the padding's 9.0 never counts)
+    log_ratio = torch.tensor([[math.log(2) / 2, math.log(2) / 2, 9.0], [0.3, -0.3, 0.0], [math.log(0.5), 0.0, 0.0],
+                              [60.0, 60.0, 0.0]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 1, 1], [1, 1, 0]])
+    adv = torch.tensor([1.0, 0.0, -1.0, 1.0])
+    phi = vespo_weights(log_ratio, mask, adv)
+    expected = [4 * math.exp(-3), 1.0, math.exp(2) * 0.125 * math.exp(-1), 0.0]  # w = 2, 1, 0.5, e^120 -> 0
+    assert phi.shape == (4, 1) and phi.squeeze(1).tolist() == pytest.approx(expected, abs=1e-6)
+    # the engine's token weights fold into w: ratio 1 times engine weights (2, 1) is w = 2
+    folded = vespo_weights(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1), engine_weights=torch.tensor([[2.0, 1.0]]))
+    assert folded.item() == pytest.approx(4 * math.exp(-3))
+    assert vespo_weights(torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1),
+                         engine_weights=torch.tensor([[2.0]])).item() == pytest.approx(4 * math.exp(-3))  # sequence level
+
+
+def test_vespo_loss_by_hand_with_engine_weights_folded_not_multiplied():
+    logp = torch.tensor([[-1.0, -2.0], [-0.5, -1.5]], requires_grad=True)
+    old = logp.detach() - torch.tensor([[math.log(2), 0.0], [0.0, 0.0]])  # seq 0: w = 2; seq 1: w = 1
+    adv = torch.tensor([1.0, -0.5])
+    mask = torch.ones(2, 2)
+    engine = torch.tensor([[1.0, 1.0], [1.0, 3.0]])  # seq 1 becomes w = 3 (phi from the A < 0 pair), never x 3 per token
+    loss, metrics = policy_loss(logp, old, None, adv, mask, loss_type="vespo", num_items_in_batch=4,
+                                sampling_weights=engine)
+    phi0, phi1 = 4 * math.exp(-3), math.exp(2) * 27 * math.exp(-6)
+    assert loss.item() == pytest.approx((phi0 * 3.0 - phi1 * 0.5 * 2.0) / 4, abs=1e-6)  # -phi * A * logp summed
+    loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[-phi0, -phi0], [0.5 * phi1, 0.5 * phi1]]) / 4)
+    assert metrics["vespo_phi_mean"].item() == pytest.approx((phi0 + phi1) / 2)
+    # loss weights (the entropy and off-policy masks) still multiply: dropping seq 1 leaves seq 0's term
+    dropped, _ = policy_loss(logp, old, None, adv, mask, loss_type="vespo", num_items_in_batch=4,
+                             sampling_weights=engine, loss_weights=torch.tensor([[1.0], [0.0]]))
+    assert dropped.item() == pytest.approx(phi0 * 3.0 / 4, abs=1e-6)
 
 
 def test_asymmetric_epsilon_high():
@@ -568,7 +605,7 @@ def test_high_entropy_mask_by_hand():
 
 
 def test_entropy_mask_as_weights_zeroes_the_policy_gradient_but_keeps_kl_and_denominator():
-    # the module passes the mask as sampling weights: the dropped tokens lose the policy term (zero gradient without
+    # the module passes the mask as loss weights: the dropped tokens lose the policy term (zero gradient without
     # a KL), the kept ones keep exactly their gradient, and the denominator (dapo: the global token count) is unchanged
     logp, old, adv, mask = two_sequences()
     kept = torch.tensor([[1, 0, 0], [0, 1, 1]]).float()
@@ -576,7 +613,7 @@ def test_entropy_mask_as_weights_zeroes_the_policy_gradient_but_keeps_kl_and_den
     loss_all.backward()
     full = logp.grad.clone()
     logp.grad = None
-    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="dapo", num_items_in_batch=5, sampling_weights=kept)
+    loss, _ = policy_loss(logp, old, None, adv, mask, loss_type="dapo", num_items_in_batch=5, loss_weights=kept)
     loss.backward()
     torch.testing.assert_close(logp.grad, full * kept)
 
@@ -607,7 +644,7 @@ def test_adaptive_entropy_coef_by_hand():
 
 def test_loss_argument_errors():
     logp, old, adv, mask = two_sequences()
-    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo"):
+    with pytest.raises(ValueError, match="loss_type='ppo'.*grpo, bnpo, dr_grpo, dapo, cispo, sapo, luspo, vespo"):
         policy_loss(logp, old, None, adv, mask, loss_type="ppo")
     with pytest.raises(ValueError, match=r"'cispo' caps the importance weight itself at epsilon_high .*"
                                          r"epsilon_high=0.28 would scale down even on-policy tokens"):

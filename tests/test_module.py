@@ -71,11 +71,12 @@ def assert_changed(before, module):
     return changed
 
 
-@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo"])
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo", "cispo", "sapo", "luspo", "vespo"])
 def test_fit_full_finetune_each_loss_type(tiny_model_dir, toy_data, tmp_path, loss_type):
     # cispo, sapo and luspo with two passes per rollout, where their weights differ from the clip's
     extra = {"cispo": dict(epsilon_high=5.0, num_iterations=2), "sapo": dict(num_iterations=2),
-             "luspo": dict(importance_sampling_level="sequence", num_iterations=2)}.get(loss_type, {})
+             "luspo": dict(importance_sampling_level="sequence", num_iterations=2),
+             "vespo": dict(num_iterations=2)}.get(loss_type, {})
     module = make_module(tiny_model_dir, loss_type=loss_type, **extra)
     before = trainable_snapshot(module)
     trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path)
@@ -135,7 +136,7 @@ def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(tiny_model_dir, 
     real = module_lib.policy_loss
 
     def spy(*args, **kwargs):
-        weights.append((kwargs["sampling_weights"], args[4]))  # (weights, completion mask)
+        weights.append((kwargs["loss_weights"], args[4]))  # (weights, completion mask)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module_lib, "policy_loss", spy)
@@ -180,7 +181,7 @@ def test_off_policy_mask_drops_stale_negative_completions_in_the_second_pass(tin
     real = module_lib.policy_loss
 
     def spy(*args, **kwargs):
-        calls.append((kwargs["sampling_weights"], args[3]))  # (weights, advantages)
+        calls.append((kwargs["loss_weights"], args[3]))  # (weights, advantages)
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module_lib, "policy_loss", spy)
@@ -462,6 +463,10 @@ def test_bad_config_values_fail_at_start(tiny_model_dir):
     with pytest.raises(ValueError, match=r"use_adaptive_entropy needs .* entropy_coef_min <= entropy_coef <= "
                                          r"entropy_coef_max \(now 0.0 <= 2.0 <= 1.0\)"):
         make_module(tiny_model_dir, use_adaptive_entropy=True, entropy_coef=2.0)
+    with pytest.raises(ValueError, match=r"VESPO needs vespo_k_pos/neg >= 0 and vespo_lambda_pos/neg > 0"):
+        make_module(tiny_model_dir, vespo_lambda_neg=0.0)
+    with pytest.warns(UserWarning, match="importance_sampling_level='sequence' does not apply"):
+        make_module(tiny_model_dir, loss_type="vespo", importance_sampling_level="sequence")
     with pytest.raises(ValueError, match="entropy_coef=nan must be a finite number"):
         make_module(tiny_model_dir, entropy_coef=float("nan"))
     with pytest.raises(ValueError, match="lora.target_modules"):

@@ -272,12 +272,18 @@ def test_engine_follows_training_and_resume_is_exact(vllm_model_dir, toy_data, t
     assert torch.allclose(assert_engine_holds_policy(resumed_module), after, atol=TOLERANCE)
 
 
-def test_several_steps_per_rollout_use_the_old_policy_logprobs(vllm_model_dir, toy_data, tmp_path):
+@pytest.mark.parametrize("extra", [{}, {"loss_type": "vespo", "off_policy_mask_threshold": 0.5}],
+                         ids=["dapo", "vespo_opsm"])
+def test_several_steps_per_rollout_use_the_old_policy_logprobs(vllm_model_dir, toy_data, tmp_path, extra):
     """Two optimizer steps per rollout: the ratio is against the old-policy log-probs (computed before the first
-    step), and the engine is given the weights once per rollout, after its second step."""
-    module = make_module(vllm_model_dir, steps_per_rollout=2)
+    step), and the engine is given the weights once per rollout, after its second step. VESPO with the off-policy
+    mask takes the engine's importance weights into its sequence weight and the engine's log-probs into the mask."""
+    module = make_module(vllm_model_dir, steps_per_rollout=2, **extra)
     steps = fit(module, vllm_model_dir, toy_data, tmp_path, max_steps=4)
     assert len(steps) == 2 and module._weights_version == 4
+    if extra:
+        assert all(0 < s["train/vespo_phi_mean"] < 2 and 0 <= s["train/off_policy_masked_fraction"] <= 1
+                   for s in steps)
     assert_every_step_sampled_from_current_policy(steps)
     assert module._engine.owner is module and module._engine_weights_version == 2  # pushed before rollout 2
     assert_engine_holds_policy(module)
