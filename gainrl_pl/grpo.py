@@ -333,7 +333,8 @@ def selective_log_softmax(
 
     Per chunk of rows: cast to float32, gather the chosen logit, subtract the row's logsumexp. Peak extra
     memory is one chunk (`chunk_size` x vocab floats), in forward and in backward (see
-    `_ChunkedSelectiveLogSoftmax`), whatever the logits' dtype.
+    `_ChunkedSelectiveLogSoftmax`), whatever the logits' dtype; a backward through the entropy as well (an
+    entropy bonus) holds about three chunks at once.
 
     Args:
         logits: `(..., T, V)` (or `(N, V)`) scores, any float dtype; may require grad. Non-contiguous views
@@ -554,7 +555,7 @@ def policy_loss(
             of the importance weight itself (required, >= 1; 5.0 in ScaleRL).
         beta: KL coefficient; 0 disables the KL term.
         max_completion_length: The generation length limit; required for `dr_grpo`.
-        num_items_in_batch: `dapo`/`cispo` denominator: completion tokens of the global batch (all gradient-
+        num_items_in_batch: `dapo`/`cispo`/`vespo` denominator: completion tokens of the global batch (all gradient-
             accumulation micro-batches and all DDP ranks). Because DDP averages gradients over ranks, pass
             the global count divided by the number of ranks, as TRL does, so the averaged gradient equals
             sum / global count. `None` falls back to this call's token count (then `dapo` == `bnpo`).

@@ -626,11 +626,11 @@ class GRPOModule(pl.LightningModule):
                         vespo_lambda_neg=hp.vespo_lambda_neg, sapo_temperature_pos=hp.sapo_temperature_pos,
                         sapo_temperature_neg=hp.sapo_temperature_neg,
                         use_bias_correction_kl=hp.use_bias_correction_kl)
-                    if not global_denominator:  # dapo/cispo already divide by the whole mini-batch's tokens
+                    if not global_denominator:  # dapo/cispo/vespo already divide by the whole mini-batch's tokens
                         loss = loss / len(micro)
                     objective = loss
                     if entropy_bonus:  # a mean over the mini-batch's tokens on all ranks (DDP averages the ranks)
-                        entropy_sum = (entropy * loss_mask[idx]).sum()
+                        entropy_sum = torch.where(loss_mask[idx].bool(), entropy, 0.0).sum()
                         objective = loss - coef * entropy_sum * self.trainer.world_size / global_tokens
                         step_entropy_sum += entropy_sum.detach()
                     self.manual_backward(objective)
@@ -645,9 +645,10 @@ class GRPOModule(pl.LightningModule):
                     for key, value in metrics.items():
                         step_metrics.setdefault(key, []).append(float(value))
                     losses.append(float(metrics["loss"]))
-                skipped += not self._optimizer_step(opt, sched, step_metrics, losses)
+                stepped = self._optimizer_step(opt, sched, step_metrics, losses)
+                skipped += not stepped
                 if entropy_bonus:
-                    self._update_entropy_coef(step_entropy_sum, global_tokens, step_metrics)
+                    self._update_entropy_coef(step_entropy_sum, global_tokens, step_metrics, stepped)
         self._count_nonfinite_rollout(skipped)
         if is_stats:
             self._log_importance_stats(is_stats, step_metrics)
@@ -706,14 +707,18 @@ class GRPOModule(pl.LightningModule):
             return hp.entropy_coef
         return self.entropy_coef_now if self.last_step_entropy <= hp.entropy_target else 0.0
 
-    def _update_entropy_coef(self, entropy_sum: torch.Tensor, global_tokens: float, step_metrics) -> None:
+    def _update_entropy_coef(self, entropy_sum: torch.Tensor, global_tokens: float, step_metrics,
+                             stepped: bool) -> None:
         """After an optimizer step: log the coefficient it applied and, with adaptive control, move it for the next
-        step from this step's mean token entropy over all ranks (a collective: every rank calls it)."""
+        step from this step's mean token entropy over all ranks (a collective: every rank calls it). A step skipped
+        as non-finite (the same decision on every rank) leaves the controller as it was."""
         hp = self.hparams
         step_metrics.setdefault("entropy_coef", []).append(self._entropy_coef_to_apply())
         if not hp.use_adaptive_entropy:
             return
         total = sum_over_ranks(entropy_sum.float(), self.trainer.strategy, self.trainer.world_size)
+        if not stepped or not math.isfinite(float(total)):
+            return
         self.last_step_entropy = float(total) / global_tokens
         self.entropy_coef_now = adaptive_entropy_coef(
             self.entropy_coef_now, self.last_step_entropy, target=hp.entropy_target, delta=hp.entropy_coef_delta,
@@ -989,7 +994,9 @@ class GRPOModule(pl.LightningModule):
             del state[key]
         checkpoint["gainrl_nonfinite_total"] = self.nonfinite_total
         checkpoint["gainrl_dynamic_sampling_skipped_steps"] = self.dynamic_sampling_skipped_steps
-        checkpoint["gainrl_entropy_control"] = {"coef": self.entropy_coef_now, "last_entropy": self.last_step_entropy}
+        if self.hparams.use_adaptive_entropy:
+            checkpoint["gainrl_entropy_control"] = {"coef": self.entropy_coef_now,
+                                                    "last_entropy": self.last_step_entropy}
         # Saved at a batch end, these are the states the next rollout starts sampling from, one per rank (a
         # collective: Lightning builds the checkpoint on every rank and writes rank 0's).
         checkpoint[RNG_CHECKPOINT_KEY] = collect_rng_states_of_all_ranks()
@@ -999,9 +1006,12 @@ class GRPOModule(pl.LightningModule):
                                      self._checkpoint_keys(self.state_dict().keys()))
         self.nonfinite_total = int(checkpoint.get("gainrl_nonfinite_total", 0))
         self.dynamic_sampling_skipped_steps = int(checkpoint.get("gainrl_dynamic_sampling_skipped_steps", 0))
-        control = checkpoint.get("gainrl_entropy_control")
+        # only an adaptive run's state continues; a run that turns control on from a checkpoint starts at entropy_coef
+        control = checkpoint.get("gainrl_entropy_control") if self.hparams.use_adaptive_entropy else None
         if control is not None:
-            self.entropy_coef_now, self.last_step_entropy = float(control["coef"]), float(control["last_entropy"])
+            hp = self.hparams
+            coef = min(max(float(control["coef"]), hp.entropy_coef_min), hp.entropy_coef_max)
+            self.entropy_coef_now, self.last_step_entropy = coef, float(control["last_entropy"])
         self._pending_rng_states = checkpoint.get(RNG_CHECKPOINT_KEY)
         self._engine_weights_version = None  # the loaded weights must reach the rollout engine
 

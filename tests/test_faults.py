@@ -82,6 +82,18 @@ def test_one_nonfinite_update_is_skipped_and_training_goes_on(setup, monkeypatch
     assert trainer.callback_metrics["train/nonfinite_updates"] == 1
 
 
+def test_a_skipped_step_leaves_the_adaptive_entropy_controller_alone(tiny_model_dir, tmp_path):
+    # NaN logits in the 2nd training forward: that step is skipped, and its NaN entropy must not move the coefficient
+    # (3 real steps below a target of 100 nats: 0.1 + 3 x 0.05)
+    module, dm, trainer = build(tiny_model_dir, tmp_path, max_steps=3, use_adaptive_entropy=True, entropy_coef=0.1,
+                                entropy_coef_delta=0.05, entropy_target=100.0)
+    poison_training_forwards(module, {2})
+    trainer.fit(module, datamodule=dm)
+    assert module.nonfinite_total == 1 and trainer.global_step == 3
+    assert module.entropy_coef_now == pytest.approx(0.25)
+    assert 0 < module.last_step_entropy < 100
+
+
 def test_nan_in_one_mini_batch_skips_that_step_only(tiny_model_dir, tmp_path):
     """Three optimizer steps per rollout: a NaN loss in the first mini-batch skips that step, the rollout's other
     two go on; a rollout whose every step is NaN is skipped whole, and a clean rollout after it resets the count."""

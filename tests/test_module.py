@@ -273,6 +273,18 @@ def test_adaptive_entropy_moves_the_coefficient_and_resumes_it(tiny_model_dir, t
     assert resumed.entropy_coef_now == pytest.approx(module.entropy_coef_now)
 
 
+def test_entropy_controller_state_continues_only_between_adaptive_runs(tiny_model_dir):
+    saved = {"coef": 0.9, "last_entropy": 1.5}
+    plain = make_module(tiny_model_dir, entropy_coef=0.05)
+    plain.on_load_checkpoint({"state_dict": plain.state_dict(), "gainrl_entropy_control": saved})
+    assert plain.entropy_coef_now == 0.05 and plain.last_step_entropy == float("inf")
+    adaptive = make_module(tiny_model_dir, use_adaptive_entropy=True, entropy_coef=0.05, entropy_coef_max=0.5)
+    adaptive.on_load_checkpoint({"state_dict": adaptive.state_dict()})  # a checkpoint of a run without control
+    assert adaptive.entropy_coef_now == 0.05
+    adaptive.on_load_checkpoint({"state_dict": adaptive.state_dict(), "gainrl_entropy_control": saved})
+    assert adaptive.entropy_coef_now == 0.5 and adaptive.last_step_entropy == 1.5  # clamped to this run's bounds
+
+
 def length_reward(prompts, completions, **columns):
     """A second objective on another scale: completion length in characters."""
     return [float(len(c)) for c in completions]
