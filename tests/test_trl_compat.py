@@ -198,3 +198,86 @@ def test_readme_trl_config_fits_with_a_tiny_model(tiny_model_dir, tmp_path):
 def test_every_shipped_config_sets_answer_extraction(config):
     model = yaml.safe_load(config.read_text())["model"]
     assert model.get("answer_extraction") in ("boxed", "flexible"), f"{config.name}: set model.answer_extraction"
+
+
+# ----------------------------------------------------------------------------------------------- the loss, TRL's own
+def _trl_loss(trainer_cls, loss_type, level, logp, old, ref, adv, mask, engine_weights, *, beta, bias_kl, opsm,
+              epsilon_high, num_items):
+    """TRL's `GRPOTrainer._compute_loss` on given log-probs: a stand-in trainer holding just the attributes it reads
+    (one process, no accumulation, no entropy bonus), so the very code TRL users run computes the loss."""
+    from collections import defaultdict
+    from types import SimpleNamespace
+
+    import torch
+
+    class OneProcess:
+        num_processes = 1
+        sync_gradients = True
+
+        def reduce(self, t, reduction="sum"):
+            return t
+
+        def gather(self, t):
+            return t
+
+    args = SimpleNamespace(use_bias_correction_kl=bias_kl, delta=None, sapo_temperature_pos=1.0,
+                           sapo_temperature_neg=1.05, vespo_k_pos=2.0, vespo_lambda_pos=3.0, vespo_k_neg=3.0,
+                           vespo_lambda_neg=2.0, steps_per_generation=1)
+    batch, length = logp.shape
+    trainer = SimpleNamespace(
+        args=args, loss_type=loss_type, importance_sampling_level=level, beta=beta, epsilon_low=0.2,
+        epsilon_high=epsilon_high, top_entropy_quantile=1.0, off_policy_mask_threshold=opsm,
+        use_vllm=engine_weights is not None, vllm_importance_sampling_correction=True,
+        model=SimpleNamespace(training=True), current_gradient_accumulation_steps=1, accelerator=OneProcess(),
+        max_completion_length=length, _entropy_bonus_enabled=False, aux_loss_enabled=False,
+        _metrics={"train": defaultdict(list)}, get_off_policy_mask=trainer_cls.get_off_policy_mask,
+        get_gamma_weights=trainer_cls.get_gamma_weights,
+        _get_per_token_logps_and_entropies=lambda *a, **k: (logp, torch.zeros(batch, length), None))
+    inputs = dict(prompt_ids=torch.zeros(batch, 1, dtype=torch.long), prompt_mask=torch.ones(batch, 1),
+                  completion_ids=torch.zeros(batch, length, dtype=torch.long), completion_mask=mask.float(),
+                  advantages=adv, old_per_token_logps=old, ref_per_token_logps=ref,
+                  num_items_in_batch=torch.tensor(float(num_items)))
+    if engine_weights is not None:
+        inputs["importance_sampling_ratio"] = engine_weights
+    return trainer_cls._compute_loss(trainer, None, inputs)
+
+
+def test_policy_loss_equals_trls_own_loss_and_gradient():
+    """Every loss type at both ratio levels, with and without the bias-corrected KL, vLLM importance weights and the
+    off-policy mask: our pure `policy_loss` and TRL's `_compute_loss` give the same loss and the same gradient."""
+    import itertools
+
+    import torch
+
+    from gainrl_pl.grpo import LOSS_TYPES, off_policy_sequence_mask, policy_loss
+
+    trainer_cls = pytest.importorskip("trl.trainer.grpo_trainer").GRPOTrainer
+    gen = torch.Generator().manual_seed(0)
+    batch, length = 6, 7
+    mask = torch.ones(batch, length, dtype=torch.bool)
+    mask[0, 4:] = False
+    mask[2, 2:] = False
+    worst = 0.0
+    for loss_type, level, bias_kl, engine, opsm in itertools.product(LOSS_TYPES, ("token", "sequence"), (False, True),
+                                                                     (False, True), (None, 0.05)):
+        base = -torch.rand(batch, length, generator=gen) * 2
+        old = torch.where(mask, base + 0.3 * torch.randn(batch, length, generator=gen), 0.0)
+        ref = base + 0.3 * torch.randn(batch, length, generator=gen)
+        adv = torch.randn(batch, generator=gen)
+        weights = torch.where(mask, torch.rand(batch, length, generator=gen) + 0.5, 1.0) if engine else None
+        epsilon_high = 5.0 if loss_type == "cispo" else 0.28
+        theirs_logp, ours_logp = base.clone().requires_grad_(), base.clone().requires_grad_()
+        theirs = _trl_loss(trainer_cls, loss_type, level, theirs_logp, old, ref, adv, mask, weights, beta=0.1,
+                           bias_kl=bias_kl, opsm=opsm, epsilon_high=epsilon_high, num_items=int(mask.sum()))
+        theirs.backward()
+        keep = None if opsm is None else off_policy_sequence_mask(adv, ours_logp, old, mask, opsm)
+        ours, _ = policy_loss(ours_logp, old, ref, adv, mask, loss_type=loss_type, epsilon=0.2,
+                              epsilon_high=epsilon_high, beta=0.1, max_completion_length=length,
+                              num_items_in_batch=int(mask.sum()), sampling_weights=weights, loss_weights=keep,
+                              importance_sampling_level=level, use_bias_correction_kl=bias_kl)
+        ours.backward()
+        case = (loss_type, level, bias_kl, engine, opsm)
+        assert ours.item() == pytest.approx(theirs.item(), abs=1e-5), case
+        torch.testing.assert_close(ours_logp.grad, theirs_logp.grad, atol=1e-5, rtol=1e-4, msg=str(case))
+        worst = max(worst, abs(ours.item() - theirs.item()))
+    assert worst < 1e-5
