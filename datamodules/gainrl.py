@@ -23,41 +23,46 @@ from gainrl_pl.schedules import SAMPLER_NAMES, build_sampler, check_sigma
 
 @dataclass
 class ScheduleSettings:
-    """Which data schedule draws each round, and its knobs (spec sections 4, 5, 8, 9)."""
+    """Which data schedule draws each round, and its knobs (spec sections 4, 5, 8, 9).
+
+    Args:
+        name: `angle` (GAIN-RL), `length` (shortest question first, same Gaussian schedule),
+            `accuracy_curriculum` (easiest first by `difficulty_field` or `pass_rate_field`), `uniform` (vanilla
+            GRPO), `adarft`, `pass_rate_priority`, `greso` (skip prompts whose recent groups had zero reward
+            variance), `mopps` (Beta posteriors, Thompson sampling toward pass rate 0.5; set `extra:
+            {rollouts_per_prompt: <model.num_generations>}`).
+        subset_size: Prompts per sampling round (the paper's epoch), summed over DDP ranks.
+        sigma: Gaussian width over rank positions: ranks if > 1, a fraction of the dataset size if <= 1.
+        initial_mu: mu_0, the Gaussian's starting mean (rank; 0 = top of the ranking); a fraction of N if in (0,
+            1).
+        step_size: n: scale of the per-round mean shift (ranks if > 1, fraction of N if <= 1).
+        sensitivity: alpha: tanh sensitivity of both update terms.
+        target_accuracy: beta (paper): the accuracy at which the accuracy term is zero.
+        min_shift: adj_min: lower clamp of the per-round shift (0 = the mean never moves back).
+        max_shift: adj_max: upper clamp of the per-round shift (ranks if > 1, fraction of N if <= 1).
+        reference_lag: Draw each round with the previous round's mu, as the reference TRL script does.
+        difficulty_field: Dataset column with a difficulty, higher = harder (e.g. MATH's `level`):
+            `accuracy_curriculum` ranks it ascending (easiest first); `adarft` targets it.
+        pass_rate_field: Dataset column with a measured pass rate, higher = easier: `accuracy_curriculum` ranks
+            it descending (easiest first). Set this or `difficulty_field`, not both.
+        seed: Seed of the round draws (identical on every DDP rank).
+        extra: Further keyword arguments for the chosen sampler (e.g. AdaRFT's `target_reward`).
+    """
 
     name: str = "angle"
-    """`angle` (GAIN-RL), `length` (shortest question first, same Gaussian schedule), `accuracy_curriculum`
-    (easiest first by `difficulty_field` or `pass_rate_field`), `uniform` (vanilla GRPO), `adarft`,
-    `pass_rate_priority`, `greso` (skip prompts whose recent groups had zero reward variance), `mopps` (Beta
-    posteriors, Thompson sampling toward pass rate 0.5; set `extra: {rollouts_per_prompt: <model.num_generations>}`)."""
     subset_size: int = 256
-    """Prompts per sampling round (the paper's epoch), summed over DDP ranks."""
     sigma: float = 1000.0
-    """Gaussian width over rank positions: ranks if > 1, a fraction of the dataset size if <= 1."""
     initial_mu: float = 0.0
-    """mu_0, the Gaussian's starting mean (rank; 0 = top of the ranking); a fraction of N if in (0, 1)."""
     step_size: float = 500.0
-    """n: scale of the per-round mean shift (ranks if > 1, fraction of N if <= 1)."""
     sensitivity: float = 2.0
-    """alpha: tanh sensitivity of both update terms."""
     target_accuracy: float = 0.5
-    """beta (paper): the accuracy at which the accuracy term is zero."""
     min_shift: float = 0.0
-    """adj_min: lower clamp of the per-round shift (0 = the mean never moves back)."""
     max_shift: float = 1000.0
-    """adj_max: upper clamp of the per-round shift (ranks if > 1, fraction of N if <= 1)."""
     reference_lag: bool = False
-    """Draw each round with the previous round's mu, as the reference TRL script does."""
     difficulty_field: str | None = None
-    """Dataset column with a difficulty, higher = harder (e.g. MATH's `level`): `accuracy_curriculum` ranks it
-    ascending (easiest first); `adarft` targets it."""
     pass_rate_field: str | None = None
-    """Dataset column with a measured pass rate, higher = easier: `accuracy_curriculum` ranks it descending
-    (easiest first). Set this or `difficulty_field`, not both."""
     seed: int = 0
-    """Seed of the round draws (identical on every DDP rank)."""
     extra: dict[str, Any] = field(default_factory=dict)
-    """Further keyword arguments for the chosen sampler (e.g. AdaRFT's `target_reward`)."""
 
     def __post_init__(self) -> None:
         if self.name not in SAMPLER_NAMES:

@@ -44,10 +44,14 @@ def check_loss_type(loss_type: str) -> str:
     return loss_type
 
 
-def check_loss_options(loss_type: str, epsilon_high: float | None, delta: float | None) -> None:
+def check_loss_options(loss_type: str, epsilon_high: float | None, delta: float | None,
+                       sapo_temperature_pos: float = 1.0, sapo_temperature_neg: float = 1.05) -> None:
     """ValueError for settings a loss type cannot use: `cispo` caps the ratio itself at `epsilon_high` (so it must
-    be set, >= 1), and `delta` applies to the clipped losses only."""
+    be set, >= 1), `delta` applies to the clipped losses only, and SAPO's temperatures must be positive."""
     check_loss_type(loss_type)
+    if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
+        raise ValueError(f"sapo_temperature_pos={sapo_temperature_pos} and sapo_temperature_neg="
+                         f"{sapo_temperature_neg} must be > 0")
     if loss_type == "cispo" and (epsilon_high is None or epsilon_high < 1):
         raise ValueError(f"loss_type='cispo' caps the importance weight itself at epsilon_high (TRL's and ScaleRL's "
                          f"epsilon_max; 5.0 is recommended), so epsilon_high={epsilon_high} would scale down even "
@@ -598,10 +602,7 @@ def policy_loss(
             without `max_completion_length`, negative `epsilon`/`beta`, `check_loss_options`'s cases, non-positive
             SAPO temperatures, or mismatched shapes.
     """
-    check_loss_options(loss_type, epsilon_high, delta)
-    if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
-        raise ValueError(f"sapo_temperature_pos={sapo_temperature_pos} and sapo_temperature_neg="
-                         f"{sapo_temperature_neg} must be > 0")
+    check_loss_options(loss_type, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg)
     check_importance_sampling_level(importance_sampling_level)
     if beta < 0 or epsilon < 0 or (epsilon_high is not None and epsilon_high < 0):
         raise ValueError(f"beta={beta}, epsilon={epsilon}, epsilon_high={epsilon_high} must be >= 0")

@@ -168,21 +168,25 @@ def _local_cuda() -> int:
 
 
 # ------------------------------------------------------------------ the trainable policy (LoRA, 4-bit)
-# Settings are plain dataclasses so LightningCLI shows their field docstrings in `--help`.
+# Settings are plain dataclasses; their `Args:` docstrings are what LightningCLI shows in `--help`.
 @dataclass
 class LoraSettings:
-    """LoRA adapters (peft). With LoRA the reference model is the same weights with adapters off."""
+    """LoRA adapters (peft). With LoRA the reference model is the same weights with adapters off.
+
+    Args:
+        r: Rank of the LoRA update matrices.
+        alpha: LoRA scaling numerator (`lora_alpha`); the update is scaled by alpha / r.
+        dropout: Dropout on the LoRA input.
+        target_modules: Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but
+            the LM head).
+        use_rslora: Rank-stabilised scaling alpha / sqrt(r).
+    """
 
     r: int = 16
-    """Rank of the LoRA update matrices."""
     alpha: int = 32
-    """LoRA scaling numerator (`lora_alpha`); the update is scaled by alpha / r."""
     dropout: float = 0.0
-    """Dropout on the LoRA input."""
     target_modules: list[str] | str = "all-linear"
-    """Module names to adapt (e.g. [q_proj, v_proj]) or `all-linear` (every linear layer but the LM head)."""
     use_rslora: bool = False
-    """Rank-stabilised scaling alpha / sqrt(r)."""
 
     def __post_init__(self) -> None:
         if self.r <= 0:
@@ -193,16 +197,19 @@ class LoraSettings:
 
 @dataclass
 class QuantizationSettings:
-    """4-bit weights (bitsandbytes) for QLoRA: the base model is frozen in 4 bits, LoRA trains in `compute_dtype`."""
+    """4-bit weights (bitsandbytes) for QLoRA: the base model is frozen in 4 bits, LoRA trains in `compute_dtype`.
+
+    Args:
+        quant_type: `nf4` (NormalFloat4, QLoRA's choice) or `fp4`.
+        double_quant: Quantize the quantization constants too (saves ~0.4 bit/parameter).
+        compute_dtype: dtype of the matmuls: `bfloat16`, `float16` or `float32`.
+        skip_modules: Modules kept unquantized.
+    """
 
     quant_type: str = "nf4"
-    """`nf4` (NormalFloat4, QLoRA's choice) or `fp4`."""
     double_quant: bool = True
-    """Quantize the quantization constants too (saves ~0.4 bit/parameter)."""
     compute_dtype: str = "bfloat16"
-    """dtype of the matmuls: `bfloat16`, `float16` or `float32`."""
     skip_modules: list[str] = field(default_factory=lambda: ["lm_head"])
-    """Modules kept unquantized."""
 
     def __post_init__(self) -> None:
         if self.quant_type not in ("nf4", "fp4"):

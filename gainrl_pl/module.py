@@ -342,10 +342,7 @@ class GRPOModule(pl.LightningModule):
         reward_funcs = list(reward_funcs if reward_funcs is not None else rewards or ["accuracy"])
         self.hparams["reward_funcs"] = [r if isinstance(r, str) else _callable_path(r) for r in reward_funcs]
         self.hparams["rewards"] = None
-        check_loss_options(loss_type, epsilon_high, delta)
-        if sapo_temperature_pos <= 0 or sapo_temperature_neg <= 0:
-            raise ValueError(f"sapo_temperature_pos={sapo_temperature_pos} and sapo_temperature_neg="
-                             f"{sapo_temperature_neg} must be > 0")
+        check_loss_options(loss_type, epsilon_high, delta, sapo_temperature_pos, sapo_temperature_neg)
         if min(vespo_k_pos, vespo_k_neg) < 0 or min(vespo_lambda_pos, vespo_lambda_neg) <= 0:
             raise ValueError(f"VESPO needs vespo_k_pos/neg >= 0 and vespo_lambda_pos/neg > 0 (now {vespo_k_pos}, "
                              f"{vespo_k_neg}, {vespo_lambda_pos}, {vespo_lambda_neg})")

@@ -28,46 +28,55 @@ from gainrl_pl.rollout import Rollout, completion_mask_from_ids
 
 @dataclass
 class VllmSettings:
-    """The vLLM rollout engine (`model.rollout_engine: vllm`) and the off-policy correction of its samples."""
+    """The vLLM rollout engine (`model.rollout_engine: vllm`) and the off-policy correction of its samples.
+
+    Args:
+        dtype: Engine weights dtype: `bfloat16`, `float16` or `float32`. The trainer keeps its own dtype; the
+            mismatch between the two is what `importance_sampling_correction` corrects.
+        max_model_len: Longest prompt + completion the engine accepts, in tokens; `null` = the model's context
+            length capped at 4096. Smaller values need a smaller KV cache.
+        kv_cache_gib: CPU only: KV cache size in whole GiB (vLLM's `VLLM_CPU_KVCACHE_SPACE`).
+        gpu_memory_utilization: CUDA only: the share of GPU memory vLLM may take (weights + KV cache); the rest
+            is the trainer's.
+        enable_sleep_mode: CUDA only: put the engine to sleep after each rollout (weights offloaded, KV cache
+            freed) so that training gets the memory back; it wakes up, and gets the new weights, before the next
+            rollout.
+        enable_prefix_caching: Reuse a prompt's KV cache across its G completions (and across steps while it
+            stays cached).
+        max_num_seqs: Most sequences decoded at once; `null` = vLLM's default.
+        use_for_validation: Generate validation completions with the engine too (greedy, or sampled at
+            `val_temperature`): faster, but greedy answers then come from the engine's dtype and kernels; off
+            keeps validation on the trainer's model (fp32 greedy answers reproduce across machines, see
+            `val_autocast`).
+        importance_sampling_correction: Weight the loss by the truncated importance ratio trainer / engine of
+            each token (or sequence): the engine's sampling log-probs differ from the trainer's (kernels,
+            dtype), so its samples are slightly off-policy. The trainer still computes the old-policy log-probs.
+            As TRL's `vllm_importance_sampling_correction`.
+        importance_sampling_level: `token`: one ratio per token; `sequence`: the product over the completion,
+            applied to all its tokens.
+        importance_sampling_mode: `truncate`: ratios are clipped to [clip_min, clip_max] (TIS); `mask`: tokens
+            (or sequences) whose ratio lies outside get weight 0. TRL's `vllm_importance_sampling_mode` is level
+            and mode in one name (e.g. `token_truncate`).
+        importance_sampling_clip_max: Upper bound C_max of the ratio (`null` = none).
+        importance_sampling_clip_min: Lower bound C_min of the ratio (`null` = none).
+        seed: Engine seed. Each rollout also draws a per-request seed from the rank's torch RNG stream, so ranks
+            sample different completions and a resumed run samples the same ones.
+    """
 
     dtype: str = "bfloat16"
-    """Engine weights dtype: `bfloat16`, `float16` or `float32`. The trainer keeps its own dtype; the mismatch
-    between the two is what `importance_sampling_correction` corrects."""
     max_model_len: int | None = None
-    """Longest prompt + completion the engine accepts, in tokens; `null` = the model's context length capped at
-    4096. Smaller values need a smaller KV cache."""
     kv_cache_gib: int = 2
-    """CPU only: KV cache size in whole GiB (vLLM's `VLLM_CPU_KVCACHE_SPACE`)."""
     gpu_memory_utilization: float = 0.3
-    """CUDA only: the share of GPU memory vLLM may take (weights + KV cache); the rest is the trainer's."""
     enable_sleep_mode: bool = True
-    """CUDA only: put the engine to sleep after each rollout (weights offloaded, KV cache freed) so that training
-    gets the memory back; it wakes up, and gets the new weights, before the next rollout."""
     enable_prefix_caching: bool = True
-    """Reuse a prompt's KV cache across its G completions (and across steps while it stays cached)."""
     max_num_seqs: int | None = None
-    """Most sequences decoded at once; `null` = vLLM's default."""
     use_for_validation: bool = False
-    """Generate validation completions with the engine too (greedy, or sampled at `val_temperature`): faster, but
-    greedy answers then come from the engine's dtype and kernels; off keeps validation on the trainer's model
-    (fp32 greedy answers reproduce across machines, see `val_autocast`)."""
     importance_sampling_correction: bool = True
-    """Weight the loss by the truncated importance ratio trainer / engine of each token (or sequence): the
-    engine's sampling log-probs differ from the trainer's (kernels, dtype), so its samples are slightly
-    off-policy. The trainer still computes the old-policy log-probs. As TRL's `vllm_importance_sampling_correction`."""
     importance_sampling_level: str = "token"
-    """`token`: one ratio per token; `sequence`: the product over the completion, applied to all its tokens."""
     importance_sampling_mode: str = "truncate"
-    """`truncate`: ratios are clipped to [clip_min, clip_max] (TIS); `mask`: tokens (or sequences) whose ratio
-    lies outside get weight 0. TRL's `vllm_importance_sampling_mode` is level and mode in one name (e.g.
-    `token_truncate`)."""
     importance_sampling_clip_max: float | None = 3.0
-    """Upper bound C_max of the ratio (`null` = none)."""
     importance_sampling_clip_min: float | None = None
-    """Lower bound C_min of the ratio (`null` = none)."""
     seed: int = 0
-    """Engine seed. Each rollout also draws a per-request seed from the rank's torch RNG stream, so ranks sample
-    different completions and a resumed run samples the same ones."""
 
     def __post_init__(self) -> None:
         if self.dtype not in ("bfloat16", "float16", "float32"):
