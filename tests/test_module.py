@@ -60,6 +60,22 @@ def fit(module, dm, tmp_path, max_steps=2, callbacks=None, ckpt_path=None, **tra
     return trainer
 
 
+def record_calls(monkeypatch, name: str, record) -> list:
+    """Wrap `gainrl_pl.module.<name>`: each call appends `record(args, kwargs, result)` to the returned list."""
+    import gainrl_pl.module as module_lib
+
+    calls = []
+    real = getattr(module_lib, name)
+
+    def spy(*args, **kwargs):
+        out = real(*args, **kwargs)
+        calls.append(record(args, kwargs, out))
+        return out
+
+    monkeypatch.setattr(module_lib, name, spy)
+    return calls
+
+
 def trainable_snapshot(module):
     return {n: p.detach().clone() for n, p in module.policy.named_parameters() if p.requires_grad}
 
@@ -108,17 +124,8 @@ def test_fit_lora_with_kl_num_iterations_and_angle_schedule(tiny_model_dir, toy_
 
 
 def test_gspo_sequence_level_reaches_the_loss_and_trains(tiny_model_dir, toy_data, tmp_path, monkeypatch):
-    import gainrl_pl.module as module_lib
-
-    seen = []
-    real = module_lib.policy_loss
-
-    def spy(*args, **kwargs):
-        loss, metrics = real(*args, **kwargs)
-        seen.append((kwargs["importance_sampling_level"], metrics["ratio_mean"].item()))
-        return loss, metrics
-
-    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    seen = record_calls(monkeypatch, "policy_loss",
+                        lambda args, kwargs, out: (kwargs["importance_sampling_level"], out[1]["ratio_mean"].item()))
     module = make_module(tiny_model_dir, lora=LoraSettings(r=4, alpha=8), num_iterations=2,
                          importance_sampling_level="sequence", epsilon=3e-4, epsilon_high=4e-4)
     before = trainable_snapshot(module)
@@ -130,16 +137,8 @@ def test_gspo_sequence_level_reaches_the_loss_and_trains(tiny_model_dir, toy_dat
 
 
 def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(tiny_model_dir, toy_data, tmp_path, monkeypatch):
-    import gainrl_pl.module as module_lib
-
-    weights = []
-    real = module_lib.policy_loss
-
-    def spy(*args, **kwargs):
-        weights.append((kwargs["loss_weights"], args[4]))  # (weights, completion mask)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    weights = record_calls(monkeypatch, "policy_loss",
+                           lambda args, kwargs, out: (kwargs["loss_weights"], args[4]))  # (weights, completion mask)
     module = make_module(tiny_model_dir, top_entropy_quantile=0.25, micro_batch_size=8)
     before = trainable_snapshot(module)
     trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
@@ -154,16 +153,8 @@ def test_top_entropy_quantile_trains_on_the_high_entropy_tokens(tiny_model_dir, 
 
 
 def test_bias_corrected_kl_reaches_the_loss(tiny_model_dir, toy_data, tmp_path, monkeypatch):
-    import gainrl_pl.module as module_lib
-
-    seen = []
-    real = module_lib.policy_loss
-
-    def spy(*args, **kwargs):
-        seen.append((kwargs["use_bias_correction_kl"], kwargs["beta"]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    seen = record_calls(monkeypatch, "policy_loss",
+                        lambda args, kwargs, out: (kwargs["use_bias_correction_kl"], kwargs["beta"]))
     module = make_module(tiny_model_dir, beta=0.1, use_bias_correction_kl=True)
     before = trainable_snapshot(module)
     fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
@@ -175,16 +166,8 @@ def test_off_policy_mask_drops_stale_negative_completions_in_the_second_pass(tin
                                                                            monkeypatch):
     """num_iterations 2 with a large step: the first pass is on-policy (nothing dropped), in the second the policy
     has moved, and only negative-advantage completions are dropped from the policy term."""
-    import gainrl_pl.module as module_lib
-
-    calls = []
-    real = module_lib.policy_loss
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs["loss_weights"], args[3]))  # (weights, advantages)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    calls = record_calls(monkeypatch, "policy_loss",
+                         lambda args, kwargs, out: (kwargs["loss_weights"], args[3]))  # (weights, advantages)
     module = make_module(tiny_model_dir, off_policy_mask_threshold=1e-3, num_iterations=2, learning_rate=5e-2)
     trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=2)
     first, second = calls[0], calls[1]  # one micro-batch per pass
@@ -291,16 +274,7 @@ def length_reward(prompts, completions, **columns):
 
 
 def test_normalize_then_sum_gives_batch_normalised_advantages(tiny_model_dir, toy_data, tmp_path, monkeypatch):
-    import gainrl_pl.module as module_lib
-
-    advantages = []
-    real = module_lib.policy_loss
-
-    def spy(*args, **kwargs):
-        advantages.append(args[3].detach().clone())
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module_lib, "policy_loss", spy)
+    advantages = record_calls(monkeypatch, "policy_loss", lambda args, kwargs, out: args[3].detach().clone())
     module = make_module(tiny_model_dir, rewards=[digit_reward, length_reward], reward_weights=[1.0, 0.01],
                          multi_objective_aggregation="normalize_then_sum")
     trainer = fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1)
@@ -314,16 +288,8 @@ def test_normalize_then_sum_gives_batch_normalised_advantages(tiny_model_dir, to
 
 
 def test_generation_kwargs_reach_the_training_rollouts_only(tiny_model_dir, toy_data, tmp_path, monkeypatch):
-    import gainrl_pl.module as module_lib
-
-    calls = []
-    real = module_lib.generate_completions
-
-    def spy(*args, **kwargs):
-        calls.append((kwargs["do_sample"], kwargs["generation_kwargs"]))
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(module_lib, "generate_completions", spy)
+    calls = record_calls(monkeypatch, "generate_completions",
+                         lambda args, kwargs, out: (kwargs["do_sample"], kwargs["generation_kwargs"]))
     module = make_module(tiny_model_dir, generation_kwargs={"no_repeat_ngram_size": 2})
     fit(module, make_datamodule(tiny_model_dir, toy_data), tmp_path, max_steps=1, limit_val_batches=1,
         val_check_interval=1)
@@ -401,7 +367,8 @@ def test_sync_ref_model_mixes_on_its_steps_and_a_resume_restores_the_moved_refer
     assert any(k.startswith("ref_model.") for k in torch.load(step2_ckpt, weights_only=False)["state_dict"])
     resumed = make_module(tiny_model_dir, beta=0.1, sync_ref_model=True, ref_model_mixup_alpha=0.5,
                           ref_model_sync_steps=2)
-    fit(resumed, make_datamodule(tiny_model_dir, toy_data), tmp_path / "resumed", max_steps=3, ckpt_path=str(step2_ckpt))
+    fit(resumed, make_datamodule(tiny_model_dir, toy_data), tmp_path / "resumed", max_steps=3,
+        ckpt_path=str(step2_ckpt))
     for name, weight in resumed.ref_model.named_parameters():
         torch.testing.assert_close(weight, ref[name])
 
