@@ -545,11 +545,11 @@ def policy_loss(
             `dr_grpo`: S / (B * max_completion_length) (Dr. GRPO: a constant denominator, no length bias);
             `dapo` (TRL default): S / `num_items_in_batch`, the token count of the whole global batch, so
             every token of the optimizer step weighs the same however it is split into micro-batches.
-            Two more replace the clipped term, each with TRL's aggregation for it: `cispo` (MiniMax-M1, 2025):
+            Three replace the clipped term, each with TRL's aggregation for it: `cispo` (MiniMax-M1, 2025):
             loss_t = -sg(min(r, epsilon_high)) * A * logp_t, a capped importance weight with no gradient of its
             own, so no token loses its gradient to a clip (aggregated as `dapo`); `sapo` (Gao et al. 2025):
             loss_t = -sapo_gate(r, tau) * A, tau = `sapo_temperature_pos` for A > 0 and `sapo_temperature_neg`
-            otherwise (aggregated as `grpo`). On-policy both have GRPO's gradient. `luspo` (LUSPO, 2026): the
+            otherwise (aggregated as `grpo`); and `vespo` below. On-policy all three have GRPO's gradient. `luspo`: the
             clipped term, summed over each completion's tokens and averaged over completions, so a sequence-level
             ratio (`importance_sampling_level="sequence"`, the paper's setup) weighs each completion by its length.
             `vespo` (VESPO, 2026): loss_t = -sg(phi_i) * A * logp_t with `vespo_weights`' smooth sequence weight
