@@ -86,7 +86,9 @@ def vespo_weights(log_ratio: Tensor, completion_mask: Tensor, advantages: Tensor
     seq = torch.where(mask, log_ratio.float().clamp(-20.0, 20.0), 0.0).sum(dim=1, keepdim=True)
     if engine_weights is not None:
         log_engine = torch.log(engine_weights.float()).clamp(lower, 20.0)
-        seq = seq + (log_engine if log_engine.shape[1] == 1 else torch.where(mask, log_engine, 0.0).sum(1, keepdim=True))
+        if log_engine.shape[1] != 1:  # token weights: their product over the completion
+            log_engine = torch.where(mask, log_engine, 0.0).sum(dim=1, keepdim=True)
+        seq = seq + log_engine
     log_w = seq.clamp(lower, 20.0)
     nonneg = advantages.reshape(-1, 1) >= 0
     k = torch.where(nonneg, k_pos, k_neg)

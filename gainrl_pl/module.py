@@ -388,8 +388,8 @@ class GRPOModule(pl.LightningModule):
             raise ValueError(f"sync_ref_model needs a reference copy to move: set beta > 0 (now {beta}) and train "
                              "without lora (with LoRA the reference is the base model with adapters off)")
         if not 0.0 <= ref_model_mixup_alpha <= 1.0 or ref_model_sync_steps < 1:
-            raise ValueError(f"ref_model_mixup_alpha={ref_model_mixup_alpha} must be in [0, 1] and ref_model_sync_steps="
-                             f"{ref_model_sync_steps} >= 1")
+            raise ValueError(f"ref_model_mixup_alpha={ref_model_mixup_alpha} must be in [0, 1] and "
+                             f"ref_model_sync_steps={ref_model_sync_steps} >= 1")
         if temperature <= 0:
             raise ValueError(f"temperature={temperature} must be > 0 for sampling (use val_temperature=0 for greedy)")
         rounds = max_extra_generation_rounds
