@@ -324,10 +324,12 @@ def mix_reference_weights(reference: torch.nn.Module, policy: torch.nn.Module, a
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"ref_model_mixup_alpha={alpha} must be in [0, 1] (1 copies the policy)")
-    ref_state = dict(reference.named_parameters())
-    ref_state.update((n, b) for n, b in reference.named_buffers() if b.is_floating_point())
-    pol_state = dict(policy.named_parameters())
-    pol_state.update((n, b) for n, b in policy.named_buffers() if b.is_floating_point())
+    def float_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+        state = dict(model.named_parameters())
+        state.update((n, b) for n, b in model.named_buffers() if b.is_floating_point())
+        return state
+
+    ref_state, pol_state = float_state(reference), float_state(policy)
     if ref_state.keys() != pol_state.keys():
         diff = sorted(ref_state.keys() ^ pol_state.keys())
         raise ValueError(f"the reference and the policy differ in {len(diff)} weight name(s) (e.g. {diff[:3]}): "

@@ -981,7 +981,7 @@ class GRPOModule(pl.LightningModule):
     def _checkpoint_keys(self, keys) -> set[str]:
         trainable = {f"policy.{n}" for n, p in self.policy.named_parameters() if p.requires_grad}
         return checkpoint_weight_keys(keys, trainable, lora=self.hparams.lora is not None,
-                                      reference=self.hparams.get("sync_ref_model", False))
+                                      reference=self.hparams.sync_ref_model)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep checkpoints small: frozen base weights and the reference copy are rebuilt from the source model
